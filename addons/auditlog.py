@@ -1,0 +1,78 @@
+"""The local audit log: one JSON object per line per event, written before the answer goes out.
+
+Other sinks (OpenTelemetry) hang off the same ``emit`` so every sink sees the same event.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+from mitmproxy import ctx, exceptions
+
+EVENT_SCHEMA_VERSION = 1
+
+
+def _time_and_name_first(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    return {"time": event.pop("time"), "event": event.pop("event"), **event}
+
+
+def default_audit_log_path() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "agent-egress" / "audit.jsonl"
+
+
+class AuditLog:
+    """Writes events as JSON lines through structlog, flushed per line."""
+
+    def __init__(self) -> None:
+        self._file: IO[str] | None = None
+        self._logger: Any = None
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "audit_log", str, "",
+            "Audit log file (JSON lines). '-' writes to standard output.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "audit_log" in updated:
+            self.open(ctx.options.audit_log)
+
+    def open(self, target: str) -> None:
+        """Point the log at a file ('' = the default path, '-' = stdout)."""
+        self.done()
+        if target == "-":
+            stream: IO[str] = sys.stdout
+        else:
+            path = Path(target) if target else default_audit_log_path()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                stream = path.open("a", encoding="utf-8", buffering=1)
+            except OSError as exc:
+                raise exceptions.OptionsError(f"cannot open audit log {path}: {exc}") from exc
+            self._file = stream
+        self._logger = structlog.wrap_logger(
+            structlog.WriteLogger(stream),
+            processors=[
+                structlog.processors.TimeStamper(fmt="iso", utc=True, key="time"),
+                _time_and_name_first,
+                structlog.processors.JSONRenderer(sort_keys=False),
+            ],
+        )
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """Record one event; fields that are None are left out."""
+        if self._logger is None:
+            self.open("")
+        self._logger.msg(event, schema=EVENT_SCHEMA_VERSION,
+                         **{key: value for key, value in fields.items() if value is not None})
+
+    def done(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._logger = None

@@ -1,0 +1,159 @@
+"""Decide every CONNECT and every plain HTTP request (WebSocket upgrades included) by policy.
+
+A refused request is answered with a 403 the agent can relay to its user; nothing is sent
+upstream. An allowed one has its upstream resolved, checked and pinned before any connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from agent_egress.policy import (
+    Action,
+    CompiledPolicy,
+    Decision,
+    InvalidHost,
+    PolicyError,
+    Reason,
+    load_policy,
+    normalize_host,
+    split_host_port,
+)
+from mitmproxy import ctx, exceptions, http
+
+from .auditlog import AuditLog
+from .pinning import UpstreamPinning
+
+METADATA_KEY = "agent_egress"
+
+_X_PROXY_ERROR = {
+    Reason.DENYLIST: "blocked-by-denylist",
+    Reason.NOT_ALLOWLISTED: "blocked-by-allowlist",
+    Reason.NEEDS_APPROVAL: "blocked-by-allowlist",
+}
+_PROXY_STATUS_ERROR = {
+    Reason.PRIVATE_ADDRESS: "destination_ip_prohibited",
+    Reason.DNS_ERROR: "dns_error",
+}
+
+
+def decision_fields(decision: Decision) -> dict[str, Any]:
+    return {
+        "host": decision.host,
+        "port": decision.port,
+        "decision": "allow" if decision.allowed else "deny",
+        "reason": decision.reason.value,
+        "rule": decision.rule.text if decision.rule else None,
+        "rule_origin": decision.rule.origin if decision.rule else None,
+        "detail": decision.detail or None,
+    }
+
+
+def blocked_response(decision: Decision) -> http.Response:
+    """The 403 an agent sees: plain text it can show its user, plus machine-readable headers."""
+    why = decision.explanation
+    body = (
+        f"agent-egress blocked this request.\n"
+        f"destination: {decision.host}:{decision.port}\n"
+        f"reason: {decision.reason.value}: {why}\n"
+        f"what to do: if the task needs this destination, ask the person running the agent to "
+        f"allow it in the agent-egress policy (see: agent-egress policy explain "
+        f"{decision.host}:{decision.port}). Do not try to reach it another way.\n"
+    )
+    error = _PROXY_STATUS_ERROR.get(decision.reason, "http_request_denied")
+    details = why.replace("\\", "\\\\").replace('"', '\\"')
+    return http.Response.make(403, body, {
+        "Content-Type": "text/plain; charset=utf-8",
+        "Proxy-Status": f'agent-egress; error={error}; details="{details}"',
+        "x-proxy-error": _X_PROXY_ERROR.get(decision.reason, "blocked-by-policy"),
+        "Connection": "close",
+    })
+
+
+def _request_fields(flow: http.HTTPFlow) -> dict[str, Any]:
+    request = flow.request
+    client = flow.client_conn.peername
+    return {
+        "client": f"{client[0]}:{client[1]}" if client else None,
+        "scheme": "connect" if request.method == "CONNECT" else request.scheme,
+        "method": None if request.method == "CONNECT" else request.method,
+        # Query strings can carry credentials: only the path is recorded.
+        "path": None if request.method == "CONNECT" else request.path.split("?", 1)[0],
+        "websocket": True if request.headers.get("upgrade", "").lower() == "websocket" else None,
+    }
+
+
+class Enforcer:
+    """Applies the compiled policy at CONNECT and at request headers."""
+
+    def __init__(self, audit: AuditLog, pinning: UpstreamPinning) -> None:
+        self.audit = audit
+        self.pinning = pinning
+        self.policy: CompiledPolicy | None = None
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("policy_file", str, "",
+                          "Policy file (TOML); empty for the built-in default policy.")
+        loader.add_option("resolve_overrides", Sequence[str], [],
+                          "Static HOST=ADDR overrides, like curl --resolve.")
+
+    def configure(self, updated: set[str]) -> None:
+        if updated & {"policy_file", "resolve_overrides"}:
+            try:
+                self.policy = load_policy(ctx.options.policy_file or None,
+                                          resolve=ctx.options.resolve_overrides)
+            except PolicyError as exc:
+                raise exceptions.OptionsError(str(exc)) from exc
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        await self._enforce(flow, flow.request.host, flow.request.port)
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        request = flow.request
+        if (mismatch := self._host_header_mismatch(request)) is not None:
+            self._refuse(flow, mismatch)
+            return
+        await self._enforce(flow, request.host, request.port)
+
+    def _host_header_mismatch(self, request: http.Request) -> Decision | None:
+        """A Host header naming another host than the request target is a smuggling attempt."""
+        header = request.host_header
+        if header is None:
+            return None
+        try:
+            name, port = split_host_port(header, default_port=request.port)
+            same = normalize_host(name).name == normalize_host(request.host).name
+        except InvalidHost:
+            same, port = False, request.port
+        if same and port == request.port:
+            return None
+        return Decision(Action.DENY, Reason.HOST_MISMATCH, request.host, request.port,
+                        detail=f"the Host header ({header}) names another destination than "
+                               f"the request ({request.host}:{request.port})")
+
+    async def _enforce(self, flow: http.HTTPFlow, host: str, port: int) -> None:
+        assert self.policy is not None
+        decision = self.policy.decide(host, port)
+        if decision.action is not Action.ALLOW:
+            self._refuse(flow, decision)
+            return
+        if not self.pinning.is_pinned(flow.client_conn, host, port):
+            resolution = await self.pinning.resolve(self.policy, decision.host, port)
+            if resolution.refusal:
+                reason = Reason.DNS_ERROR if resolution.dns_failed else Reason.PRIVATE_ADDRESS
+                self._refuse(flow, Decision(Action.DENY, reason, decision.host, port,
+                                            decision.rule, resolution.refusal))
+                return
+            self.pinning.pin(flow.client_conn, host, port, resolution.addresses[0])
+            flow.metadata.setdefault(METADATA_KEY, {})["address"] = str(resolution.addresses[0])
+        flow.metadata.setdefault(METADATA_KEY, {})["decision"] = decision
+        self.audit.emit("request.decided", **_request_fields(flow), **decision_fields(decision),
+                        address=flow.metadata[METADATA_KEY].get("address"))
+
+    def _refuse(self, flow: http.HTTPFlow, decision: Decision) -> None:
+        flow.metadata.setdefault(METADATA_KEY, {})["decision"] = decision
+        self.audit.emit("request.decided", **_request_fields(flow), **decision_fields(decision))
+        flow.response = blocked_response(decision)

@@ -1,0 +1,131 @@
+"""Allowed CONNECT tunnels: check the TLS SNI, then pass bytes through untouched.
+
+No certificate is needed by the agent: the proxy reads the ClientHello only to check that the
+SNI names the host the CONNECT was allowed for (domain fronting otherwise), then relays it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent_egress.policy import Action, Decision, InvalidHost, Reason, normalize_host
+from mitmproxy import connection, http
+from mitmproxy.net.tls import starts_like_tls_record
+from mitmproxy.proxy import commands, events, layer, layers
+from mitmproxy.proxy.layers.tls import parse_client_hello
+
+from .auditlog import AuditLog
+from .enforce import METADATA_KEY, decision_fields
+
+
+@dataclass
+class Tunnel:
+    client: str
+    host: str
+    port: int
+    opened: float = field(default_factory=time.monotonic)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    protocol: str | None = None
+    layer_chosen: bool = False
+
+
+class CountingPassthrough(layers.TCPLayer):
+    """mitmproxy's TCP relay without a flow object, counting bytes for the tunnel event."""
+
+    def __init__(self, context: Any, tunnel: Tunnel) -> None:
+        super().__init__(context, ignore=True)
+        self.tunnel = tunnel
+
+    def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.DataReceived):
+            if event.connection is self.context.client:
+                self.tunnel.bytes_up += len(event.data)
+            else:
+                self.tunnel.bytes_down += len(event.data)
+        yield from super().handle_event(event)
+
+
+class CloseClient(layer.Layer):
+    """Closes the client connection; nothing was or will be opened upstream."""
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            yield commands.CloseConnection(self.context.client)
+
+
+class Tunnels:
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+        self._tunnels: dict[str, Tunnel] = {}  # client connection id -> its one tunnel
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        peer = flow.client_conn.peername
+        self._tunnels[flow.client_conn.id] = Tunnel(
+            client=f"{peer[0]}:{peer[1]}" if peer else "",
+            host=flow.request.host, port=flow.request.port,
+        )
+        flow.metadata.setdefault(METADATA_KEY, {})["tunnel"] = True
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        tunnel = self._tunnels.get(nextlayer.context.client.id)
+        if tunnel is None or tunnel.layer_chosen:
+            return
+        data = nextlayer.data_client()
+        if starts_like_tls_record(data):
+            try:
+                hello = parse_client_hello(data)
+            except ValueError:
+                self._reject(nextlayer, tunnel, "the TLS ClientHello could not be parsed", None)
+                return
+            if hello is None:
+                nextlayer.layer = None  # wait for the rest of the ClientHello
+                return
+            if not self._sni_matches(hello.sni, tunnel):
+                detail = (f"TLS SNI {hello.sni!r} does not name the CONNECT target "
+                          f"{tunnel.host}" if hello.sni else
+                          f"TLS ClientHello without SNI for CONNECT target {tunnel.host}")
+                self._reject(nextlayer, tunnel, detail, hello.sni)
+                return
+            tunnel.protocol = "tls"
+        elif isinstance(nextlayer.layer, layers.HttpLayer):
+            tunnel.protocol = "http"  # plain HTTP in the tunnel: decided per request
+            tunnel.layer_chosen = True
+            return
+        elif nextlayer.layer is None:
+            return
+        else:
+            tunnel.protocol = "tcp"
+        tunnel.layer_chosen = True
+        nextlayer.layer = CountingPassthrough(nextlayer.context, tunnel)
+
+    @staticmethod
+    def _sni_matches(sni: str | None, tunnel: Tunnel) -> bool:
+        target = normalize_host(tunnel.host)
+        if not sni:
+            return target.is_ip  # clients send no SNI for IP addresses
+        try:
+            return normalize_host(sni).name == target.name
+        except InvalidHost:
+            return False
+
+    def _reject(self, nextlayer: layer.NextLayer, tunnel: Tunnel, detail: str,
+                sni: str | None) -> None:
+        self._tunnels.pop(nextlayer.context.client.id, None)
+        decision = Decision(Action.DENY, Reason.SNI_MISMATCH, tunnel.host, tunnel.port,
+                            detail=detail)
+        self.audit.emit("request.decided", client=tunnel.client, scheme="connect", sni=sni,
+                        **decision_fields(decision))
+        nextlayer.layer = CloseClient(nextlayer.context)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        tunnel = self._tunnels.pop(client.id, None)
+        if tunnel is None:
+            return
+        self.audit.emit(
+            "tunnel.closed", client=tunnel.client, host=tunnel.host, port=tunnel.port,
+            protocol=tunnel.protocol, bytes_up=tunnel.bytes_up, bytes_down=tunnel.bytes_down,
+            duration_ms=round((time.monotonic() - tunnel.opened) * 1000, 1),
+        )

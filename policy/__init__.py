@@ -1,0 +1,35 @@
+"""The agent-egress decision engine: pure, fast, and free of proxy or socket code."""
+
+from .addresses import embedded_ipv4, non_public_reason
+from .engine import Action, CompiledPolicy, Decision, Reason, Rule, RuleIndex, Settings
+from .errors import InvalidHost, InvalidPattern, PolicyError, Problem
+from .hosts import Host, normalize_host, parse_ipv4, split_host_port
+from .loader import BUILTIN, builtin_policy_text, load_policy, parse_policy
+from .patterns import Kind, Pattern, parse_pattern
+
+__all__ = [
+    "BUILTIN",
+    "Action",
+    "CompiledPolicy",
+    "Decision",
+    "Host",
+    "InvalidHost",
+    "InvalidPattern",
+    "Kind",
+    "Pattern",
+    "PolicyError",
+    "Problem",
+    "Reason",
+    "Rule",
+    "RuleIndex",
+    "Settings",
+    "builtin_policy_text",
+    "embedded_ipv4",
+    "load_policy",
+    "non_public_reason",
+    "normalize_host",
+    "parse_ipv4",
+    "parse_pattern",
+    "parse_policy",
+    "split_host_port",
+]

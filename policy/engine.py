@@ -1,0 +1,296 @@
+"""The compiled policy: immutable indexes built once, an O(labels) decision per host.
+
+Domain rules are filed by the suffix they hang from (``exact`` by host, ``subtree`` by the
+parent suffix, ``glob`` by the labels after the last wildcard), so a lookup walks the host's
+suffixes once, longest first, and the first hit is also the most specific rule.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+
+from .addresses import in_networks, non_public_reason
+from .errors import InvalidHost
+from .hosts import Host, IPAddress, normalize_host
+from .patterns import Kind, Pattern
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Action(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    ASK = "ask"
+
+
+class Reason(StrEnum):
+    """Machine-readable reason codes; the event schema documents each."""
+
+    ALLOWLIST = "allowlist"
+    DENYLIST = "denylist"
+    DEFAULT = "default"
+    NOT_ALLOWLISTED = "not_allowlisted"
+    NEEDS_APPROVAL = "needs_approval"
+    PORT_NOT_ALLOWED = "port_not_allowed"
+    IP_LITERAL = "ip_literal"
+    INVALID_HOST = "invalid_host"
+    PRIVATE_ADDRESS = "private_address"
+    DNS_ERROR = "dns_error"
+    SNI_MISMATCH = "sni_mismatch"
+    HOST_MISMATCH = "host_mismatch"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A pattern as the user wrote it, with where it came from."""
+
+    pattern: Pattern
+    action: Action
+    origin: str
+
+    @property
+    def text(self) -> str:
+        return self.pattern.text
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    reason: Reason
+    host: str
+    port: int
+    rule: Rule | None = None
+    detail: str = ""
+
+    @property
+    def allowed(self) -> bool:
+        return self.action is Action.ALLOW
+
+    @property
+    def explanation(self) -> str:
+        """One sentence on why, for people: the 403 body, `policy explain`, the logs."""
+        rule = self.rule
+        match self.reason:
+            case Reason.ALLOWLIST if rule:
+                return f"matches the allow rule {rule.text!r} ({rule.origin})"
+            case Reason.DENYLIST if rule:
+                return f"matches the deny rule {rule.text!r} ({rule.origin})"
+            case Reason.DEFAULT:
+                return "matches no rule; the policy's default is allow"
+            case Reason.NOT_ALLOWLISTED:
+                return "not on the allowlist (the policy's default is deny)"
+            case Reason.NEEDS_APPROVAL:
+                return "not on the allowlist; needs a person's approval"
+            case _:
+                return self.detail or self.reason.value
+
+
+_Entries = tuple[Rule, ...]
+
+
+def _first_for_port(rules: _Entries | None, port: int) -> Rule | None:
+    if rules:
+        for rule in rules:
+            if rule.pattern.port is None or rule.pattern.port == port:
+                return rule
+    return None
+
+
+def _first_glob(rules: _Entries | None, host: str, port: int) -> Rule | None:
+    if rules:
+        for rule in rules:
+            regex = rule.pattern.regex
+            if (rule.pattern.port is None or rule.pattern.port == port) and regex.fullmatch(host):
+                return rule
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RuleIndex:
+    """All rules of one action, filed for suffix lookup."""
+
+    exact: Mapping[str, _Entries]
+    subtree: Mapping[str, _Entries]
+    glob: Mapping[str, _Entries]
+    any_host: _Entries
+    # IP version -> ((prefix length, network as int -> rules), ...), longest prefix first
+    networks: Mapping[int, tuple[tuple[int, Mapping[int, _Entries]], ...]]
+
+    @classmethod
+    def build(cls, rules: Iterable[Rule]) -> RuleIndex:
+        exact: dict[str, list[Rule]] = {}
+        subtree: dict[str, list[Rule]] = {}
+        glob: dict[str, list[Rule]] = {}
+        any_host: list[Rule] = []
+        networks: dict[int, dict[int, dict[int, list[Rule]]]] = {}
+        for rule in rules:
+            p = rule.pattern
+            if p.kind is Kind.EXACT:
+                exact.setdefault(p.key, []).append(rule)
+            elif p.kind is Kind.SUBTREE:
+                subtree.setdefault(p.key, []).append(rule)
+            elif p.kind is Kind.SUBTREE_AND_SELF:
+                exact.setdefault(p.key, []).append(rule)
+                subtree.setdefault(p.key, []).append(rule)
+            elif p.kind is Kind.GLOB:
+                glob.setdefault(p.key, []).append(rule)
+            elif p.kind is Kind.ANY:
+                any_host.append(rule)
+            else:
+                assert p.network is not None
+                by_prefix = networks.setdefault(p.network.version, {})
+                table = by_prefix.setdefault(p.network.prefixlen, {})
+                table.setdefault(int(p.network.network_address), []).append(rule)
+
+        def freeze(table: dict[str, list[Rule]]) -> Mapping[str, _Entries]:
+            return MappingProxyType({key: tuple(value) for key, value in table.items()})
+
+        frozen_networks = MappingProxyType({
+            version: tuple(
+                (prefix, MappingProxyType({k: tuple(v) for k, v in table.items()}))
+                for prefix, table in sorted(by_prefix.items(), reverse=True)
+            )
+            for version, by_prefix in networks.items()
+        })
+        return cls(freeze(exact), freeze(subtree), freeze(glob), tuple(any_host), frozen_networks)
+
+    def match_name(self, host: str, port: int) -> Rule | None:
+        """Most specific rule for a normalised domain name, or None."""
+        if rule := _first_for_port(self.exact.get(host), port):
+            return rule
+        dot = host.find(".")
+        while dot != -1:
+            suffix = host[dot + 1 :]
+            if rule := _first_for_port(self.subtree.get(suffix), port):
+                return rule
+            if self.glob and (rule := _first_glob(self.glob.get(suffix), host, port)):
+                return rule
+            dot = host.find(".", dot + 1)
+        if self.glob and (rule := _first_glob(self.glob.get(""), host, port)):
+            return rule
+        return _first_for_port(self.any_host, port)
+
+    def match_ip(self, ip: IPAddress, port: int) -> Rule | None:
+        """Most specific CIDR rule for an address (IPv4-mapped IPv6 also as its IPv4 form)."""
+        candidates: list[IPAddress] = [ip]
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            candidates.insert(0, ip.ipv4_mapped)
+        for candidate in candidates:
+            bits = candidate.max_prefixlen
+            value = int(candidate)
+            for prefix, table in self.networks.get(candidate.version, ()):
+                shift = bits - prefix
+                if rule := _first_for_port(table.get(value >> shift << shift), port):
+                    return rule
+        return None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The non-rule settings of the network table, as compiled."""
+
+    default: Action = Action.ASK
+    ports: frozenset[int] = frozenset({80, 443})
+    allow_ip_literals: bool = False
+    block_private: bool = True
+    allowed_cidrs: tuple[IPNetwork, ...] = ()
+    resolve: Mapping[str, IPAddress] = field(default_factory=dict)
+
+
+_CACHE_LIMIT = 65536
+
+
+class CompiledPolicy:
+    """A policy ready to decide. Build with :func:`compile_rules`; never mutated after."""
+
+    __slots__ = ("allow", "deny", "settings", "source", "allow_count", "deny_count", "_cache")
+
+    def __init__(self, allow: RuleIndex, deny: RuleIndex, settings: Settings, source: str,
+                 allow_count: int, deny_count: int) -> None:
+        self.allow = allow
+        self.deny = deny
+        self.settings = settings
+        self.source = source
+        self.allow_count = allow_count
+        self.deny_count = deny_count
+        self._cache: dict[tuple[str, int], Decision] = {}
+
+    def decide(self, host: str, port: int) -> Decision:
+        """The decision for a destination as a client named it (any spelling)."""
+        key = (host, port)
+        decision = self._cache.get(key)
+        if decision is None:
+            decision = self._decide(host, port)
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[key] = decision
+        return decision
+
+    def _decide(self, raw_host: str, port: int) -> Decision:
+        try:
+            host = normalize_host(raw_host)
+        except InvalidHost as exc:
+            return Decision(Action.DENY, Reason.INVALID_HOST, raw_host, port, detail=str(exc))
+        if host.ip is not None:
+            return self._decide_ip(host, port)
+        return self._decide_name(host.name, port)
+
+    def _port_denied(self, host: str, port: int, allow_rule: Rule | None) -> Decision | None:
+        if port in self.settings.ports or (allow_rule and allow_rule.pattern.port == port):
+            return None
+        ports = ", ".join(str(p) for p in sorted(self.settings.ports))
+        return Decision(Action.DENY, Reason.PORT_NOT_ALLOWED, host, port,
+                        detail=f"port {port} is not in the allowed ports ({ports})")
+
+    def _decide_name(self, host: str, port: int) -> Decision:
+        if rule := self.deny.match_name(host, port):
+            return Decision(Action.DENY, Reason.DENYLIST, host, port, rule)
+        allow_rule = self.allow.match_name(host, port)
+        if denied := self._port_denied(host, port, allow_rule):
+            return denied
+        if allow_rule:
+            return Decision(Action.ALLOW, Reason.ALLOWLIST, host, port, allow_rule)
+        default = self.settings.default
+        reason = {Action.ALLOW: Reason.DEFAULT, Action.DENY: Reason.NOT_ALLOWLISTED,
+                  Action.ASK: Reason.NEEDS_APPROVAL}[default]
+        return Decision(default, reason, host, port)
+
+    def _decide_ip(self, host: Host, port: int) -> Decision:
+        assert host.ip is not None
+        if rule := self.deny.match_ip(host.ip, port):
+            return Decision(Action.DENY, Reason.DENYLIST, host.name, port, rule)
+        if not self.settings.allow_ip_literals:
+            return Decision(Action.DENY, Reason.IP_LITERAL, host.name, port,
+                            detail="requests to IP addresses are not allowed (allow_ip_literals)")
+        allow_rule = self.allow.match_ip(host.ip, port)
+        if denied := self._port_denied(host.name, port, allow_rule):
+            return denied
+        if allow_rule:
+            return Decision(Action.ALLOW, Reason.ALLOWLIST, host.name, port, allow_rule)
+        return Decision(Action.DENY, Reason.IP_LITERAL, host.name, port,
+                        detail="no CIDR rule in the allow list covers this address")
+
+    def resolve_override(self, host: str) -> IPAddress | None:
+        """The static address configured for a (normalised) host, if any."""
+        return self.settings.resolve.get(host)
+
+    def address_refusal(self, addresses: Sequence[IPAddress]) -> str | None:
+        """Why an upstream resolving to these addresses must be refused, or None."""
+        if not self.settings.block_private:
+            return None
+        for address in addresses:
+            reason = non_public_reason(address)
+            if reason and not in_networks(address, self.settings.allowed_cidrs):
+                return f"{address} is {reason}"
+        return None
+
+
+def compile_rules(allow: Iterable[Rule], deny: Iterable[Rule], settings: Settings,
+                  source: str = "<rules>") -> CompiledPolicy:
+    allow_rules, deny_rules = list(allow), list(deny)
+    return CompiledPolicy(RuleIndex.build(allow_rules), RuleIndex.build(deny_rules), settings,
+                          source, len(allow_rules), len(deny_rules))

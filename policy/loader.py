@@ -1,0 +1,159 @@
+"""Reading policy files: TOML in, a CompiledPolicy or a PolicyError out, never half of one."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .engine import Action, CompiledPolicy, Rule, Settings, compile_rules
+from .errors import InvalidHost, PolicyError, Problem
+from .hosts import normalize_host
+from .model import NetworkSettings, PolicyFile
+from .patterns import parse_pattern
+
+BUILTIN = "<built-in default policy>"
+_TOML_POSITION = re.compile(r"\(at line (\d+), column (\d+)\)")
+_HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
+_KEY = re.compile(r"""^\s*(?:"([^"]+)"|'([^']+)'|([A-Za-z0-9_.-]+))\s*=""")
+
+
+def builtin_policy_text() -> str:
+    return resources.files(__package__).joinpath("default.toml").read_text(encoding="utf-8")
+
+
+def load_policy(path: str | Path | None, *, resolve: Sequence[str] = ()) -> CompiledPolicy:
+    """Load and compile a policy file (the built-in default when path is None).
+
+    ``resolve`` adds ``HOST=ADDR`` overrides, like ``serve --resolve``.
+    """
+    if path is None:
+        return parse_policy(builtin_policy_text(), BUILTIN, resolve=resolve)
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyError(source, [Problem("file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(source, [Problem(f"cannot be read: {exc}")]) from None
+    return parse_policy(text, source, resolve=resolve)
+
+
+def parse_policy(text: str, source: str, *, resolve: Sequence[str] = ()) -> CompiledPolicy:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        position = _TOML_POSITION.search(message)
+        line = int(position.group(1)) if position else None
+        clean = _TOML_POSITION.sub("", message).strip()
+        raise PolicyError(source, [Problem(f"not valid TOML: {clean}", line=line)]) from None
+    try:
+        model = PolicyFile.model_validate(data)
+    except ValidationError as exc:
+        problems = [_problem(error, text) for error in exc.errors()]
+        raise PolicyError(source, problems) from None
+    overrides = _resolve_overrides(model, text, source, resolve)
+    return compile_model(model, source, overrides)
+
+
+def compile_model(model: PolicyFile, source: str, resolve: dict[str, Any]) -> CompiledPolicy:
+    network = model.network
+    allow = [Rule(parse_pattern(p), Action.ALLOW, f"{source}: network.allow[{i}]")
+             for i, p in enumerate(network.allow)]
+    deny = [Rule(parse_pattern(p, allow_any=False), Action.DENY, f"{source}: network.deny[{i}]")
+            for i, p in enumerate(network.deny)]
+    settings = Settings(
+        default=Action(network.default),
+        ports=frozenset(network.ports),
+        allow_ip_literals=network.allow_ip_literals,
+        block_private=network.block_private,
+        allowed_cidrs=tuple(network.allowed_cidrs),
+        resolve=resolve,
+    )
+    return compile_rules(allow, deny, settings, source)
+
+
+def _resolve_overrides(model: PolicyFile, text: str, source: str,
+                       extra: Sequence[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    problems: list[Problem] = []
+    for host, address in model.resolve.items():
+        try:
+            overrides[normalize_host(host).name] = address
+        except InvalidHost as exc:
+            problems.append(Problem(f"{exc}", key=f"resolve.{host}",
+                                    line=locate(text, ("resolve", host))))
+    for item in extra:
+        host, sep, address = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError("expected HOST=ADDR")
+            overrides[normalize_host(host).name] = ipaddress.ip_address(address.strip("[]"))
+        except (InvalidHost, ValueError) as exc:
+            problems.append(Problem(f"--resolve {item!r}: {exc}; expected HOST=ADDR, "
+                                    "e.g. pypi.example.test=127.0.0.1"))
+    if problems:
+        raise PolicyError(source, problems)
+    return overrides
+
+
+def _problem(error: dict[str, Any], text: str) -> Problem:
+    loc = tuple(error["loc"])
+    key = ".".join(str(part) if not isinstance(part, int) else f"[{part}]" for part in loc)
+    key = key.replace(".[", "[")
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        valid = list(_model_at(loc[:-1]).model_fields)
+        guess = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        message = f"unknown key {loc[-1]!r}{hint} (valid keys here: {', '.join(valid)})"
+    elif kind == "missing":
+        message = "required key is missing" + (
+            "; start the file with: version = 1" if loc == ("version",) else "")
+    elif kind in ("value_error", "assertion_error"):
+        message = str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
+    else:
+        message = f"{error['msg']} (got {value!r})"
+        if loc == ("version",):
+            message += "; this release reads version = 1"
+    line = locate(text, loc, value if isinstance(value, str) else None)
+    return Problem(message, key=key, line=line)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    return {(): PolicyFile, ("network",): NetworkSettings}.get(loc, PolicyFile)
+
+
+def locate(text: str, loc: tuple[Any, ...], value: str | None = None) -> int | None:
+    """Best-effort line number of a key (and list item) in TOML text; None when unsure."""
+    names = [part for part in loc if not isinstance(part, int)]
+    table, found = "", None
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header:
+            table = header.group(1).replace(" ", "")
+            if table == ".".join(names):
+                found = number
+            continue
+        key = _KEY.match(line)
+        if key:
+            name = next(group for group in key.groups() if group)
+            full = f"{table}.{name}" if table else name
+            if full == ".".join(names):
+                found = number
+                break
+    if found and value is not None and any(isinstance(part, int) for part in loc):
+        quoted = (f'"{value}"', f"'{value}'")
+        for number, line in enumerate(text.splitlines()[found - 1:], start=found):
+            if any(q in line for q in quoted):
+                return number
+    return found

@@ -1,0 +1,79 @@
+"""`agent-egress serve`: mitmproxy embedded as a forward proxy with the agent-egress addons."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from importlib.metadata import version
+from typing import Any
+
+from agent_egress.addons.auditlog import AuditLog, default_audit_log_path
+from agent_egress.addons.enforce import Enforcer
+from agent_egress.addons.pinning import UpstreamPinning
+from agent_egress.addons.tunnels import Tunnels
+from mitmproxy import ctx, options
+from mitmproxy.tools.dump import DumpMaster
+
+
+def proxy_env_lines(url: str) -> list[str]:
+    return [f"{name}={url}" for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")]
+
+
+class Announce:
+    """Tells the person starting the proxy where it listens and what the agent needs."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+
+    def running(self) -> None:
+        addresses = ctx.master.addons.get("proxyserver").listen_addrs()
+        host, port = addresses[0][:2]
+        shown = f"[{host}]" if ":" in host else host
+        url = f"http://{shown}:{port}"
+        policy = ctx.options.policy_file or "built-in default policy"
+        audit_log = ctx.options.audit_log or str(default_audit_log_path())
+        print(f"agent-egress {version('agent-egress')} listening on {shown}:{port}", flush=True)
+        print(f"policy: {policy}\naudit log: {audit_log}", flush=True)
+        print("Set these in the agent's environment:", flush=True)
+        for line in proxy_env_lines(url):
+            print(f"  {line}", flush=True)
+        self.audit.emit("proxy.started", listen=f"{shown}:{port}", policy=policy,
+                        version=version("agent-egress"))
+
+    def done(self) -> None:
+        self.audit.emit("proxy.stopped")
+
+
+def build_master(opts: options.Options) -> DumpMaster:
+    master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+    audit = AuditLog()
+    pinning = UpstreamPinning()
+    master.addons.add(audit, pinning, Enforcer(audit, pinning), Tunnels(audit), Announce(audit))
+    return master
+
+
+def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
+          audit_log: str | None, resolve: list[str], extra: dict[str, Any] | None = None) -> int:
+    async def main() -> None:
+        opts = options.Options(listen_host=listen_host, listen_port=listen_port)
+        master = build_master(opts)
+        opts.update(
+            # Nothing connects upstream before the policy has decided and pinned an address.
+            connection_strategy="lazy",
+            # Plain-HTTP bodies are streamed, never buffered whole in the proxy.
+            stream_large_bodies="1m",
+            termlog_verbosity="warn",
+            policy_file=policy_file or "",
+            resolve_overrides=resolve,
+            audit_log=audit_log or "",
+            **(extra or {}),
+        )
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, master.shutdown)
+        await master.run()
+
+    asyncio.run(main())
+    sys.stdout.flush()
+    return 0
