@@ -23,13 +23,11 @@ EXIT_OK, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
 
 
 def _listen(value: str) -> tuple[str, int]:
-    try:
-        host, port = split_host_port(value)
-    except InvalidHost as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if port is None:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
-    return host.strip("[]"), port
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080 (port 0 picks a free port)")
+    return host.strip("[]"), int(port)
 
 
 def _parser() -> argparse.ArgumentParser:

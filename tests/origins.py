@@ -14,6 +14,7 @@ from pathlib import Path
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     server: CountingServer
+    protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: object) -> None:
         self.server.requests.append(self.requestline)

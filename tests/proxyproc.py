@@ -1,0 +1,79 @@
+"""Runs the real `agent-egress serve` in a subprocess for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+
+
+class ProxyProcess:
+    def __init__(self, workdir: Path, policy: str | None, *extra_args: str) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.audit_path = workdir / "audit.jsonl"
+        self.policy_path = workdir / "policy.toml"
+        args = [sys.executable, "-m", "agent_egress.proxy", "serve", "--listen", "127.0.0.1:0",
+                "--audit-log", str(self.audit_path)]
+        if policy is not None:
+            self.policy_path.write_text(policy)
+            args += ["--config", str(self.policy_path)]
+        args += list(extra_args)
+        self.output: list[str] = []
+        self.port: int | None = None
+        self._ready = threading.Event()
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(30) or self.port is None:
+            self.stop()
+            raise RuntimeError("proxy did not start:\n" + "".join(self.output))
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            if match := _LISTENING.search(line):
+                self.port = int(match.group(1))
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def events(self, name: str | None = None) -> list[dict]:
+        if not self.audit_path.exists():
+            return []
+        lines = self.audit_path.read_text().splitlines()
+        events = [json.loads(line) for line in lines if line.strip()]
+        return [e for e in events if name is None or e["event"] == name]
+
+    def wait_for_event(self, predicate, timeout: float = 5.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if predicate(event):
+                    return event
+            time.sleep(0.05)
+        raise AssertionError(f"no matching event in {self.events()}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
