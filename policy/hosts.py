@@ -96,6 +96,8 @@ def normalize_host(raw: str) -> Host:
     host = raw.strip()
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+        if ":" not in host:
+            raise InvalidHost(f"{raw!r}: brackets are only for IPv6 addresses")
     if not host:
         raise InvalidHost("empty host")
     if ":" in host:

@@ -53,7 +53,7 @@ def parse_policy(text: str, source: str, *, resolve: Sequence[str] = ()) -> Comp
         message = str(exc)
         position = _TOML_POSITION.search(message)
         line = int(position.group(1)) if position else None
-        clean = _TOML_POSITION.sub("", message).strip()
+        clean = _TOML_POSITION.sub("", message).strip() if position else message
         raise PolicyError(source, [Problem(f"not valid TOML: {clean}", line=line)]) from None
     try:
         model = PolicyFile.model_validate(data)
