@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,7 +45,9 @@ class AuditLog:
 
     def open(self, target: str) -> None:
         """Point the log at a file ('' = the default path, '-' = stdout)."""
-        self.done()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if target == "-":
             stream: IO[str] = sys.stdout
         else:
@@ -67,11 +70,18 @@ class AuditLog:
     def emit(self, event: str, **fields: Any) -> None:
         """Record one event; fields that are None are left out."""
         if self._logger is None:
-            self.open("")
+            return  # not configured yet, or already shut down
         self._logger.msg(event, schema=EVENT_SCHEMA_VERSION,
                          **{key: value for key, value in fields.items() if value is not None})
 
+    def running(self) -> None:
+        listen = ctx.master.addons.get("proxyserver").listen_addrs()
+        self.emit("proxy.started", version=version("agent-egress"),
+                  listen=[f"{address[0]}:{address[1]}" for address in listen],
+                  policy=ctx.options.policy_file or "built-in default policy")
+
     def done(self) -> None:
+        self.emit("proxy.stopped")
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -23,9 +23,6 @@ def proxy_env_lines(url: str) -> list[str]:
 class Announce:
     """Tells the person starting the proxy where it listens and what the agent needs."""
 
-    def __init__(self, audit: AuditLog) -> None:
-        self.audit = audit
-
     def running(self) -> None:
         addresses = ctx.master.addons.get("proxyserver").listen_addrs()
         host, port = addresses[0][:2]
@@ -38,18 +35,13 @@ class Announce:
         print("Set these in the agent's environment:", flush=True)
         for line in proxy_env_lines(url):
             print(f"  {line}", flush=True)
-        self.audit.emit("proxy.started", listen=f"{shown}:{port}", policy=policy,
-                        version=version("agent-egress"))
-
-    def done(self) -> None:
-        self.audit.emit("proxy.stopped")
 
 
 def build_master(opts: options.Options) -> DumpMaster:
     master = DumpMaster(opts, with_termlog=True, with_dumper=False)
     audit = AuditLog()
     pinning = UpstreamPinning()
-    master.addons.add(audit, pinning, Enforcer(audit, pinning), Tunnels(audit), Announce(audit))
+    master.addons.add(audit, pinning, Enforcer(audit, pinning), Tunnels(audit), Announce())
     return master
 
 

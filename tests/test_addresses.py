@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-
 from agent_egress.policy import embedded_ipv4, non_public_reason, parse_policy
 
 BLOCKED = [

@@ -126,4 +126,5 @@ def test_serve_builtin_policy_prints_agent_environment(tmp_path: Path, tls_origi
         assert process.stop() == 0
     started = process.events("proxy.started")
     assert started and started[0]["policy"] == "built-in default policy"
+    assert started[0]["listen"] == [f"127.0.0.1:{process.port}"]
     assert process.events("proxy.stopped")

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from origins import CountingServer
 from proxyproc import ProxyProcess
 
 
-def curl(env: dict[str, str], proxy: ProxyProcess, url: str, *args: str) -> subprocess.CompletedProcess:
+def curl(env: dict[str, str], proxy: ProxyProcess, url: str,
+         *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["curl", "-sS", "--max-time", "20", "-x", proxy.url, *args, url],
         env=env, capture_output=True, text=True, timeout=30,

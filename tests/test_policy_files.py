@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from agent_egress.policy import Action, PolicyError, load_policy, parse_policy
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from agent_egress.policy import Action, InvalidHost, Reason, normalize_host, parse_policy
 
 
