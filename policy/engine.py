@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
+from typing import NamedTuple
 
 from .addresses import in_networks, non_public_reason
 from .errors import InvalidHost
@@ -44,21 +45,24 @@ class Reason(StrEnum):
     HOST_MISMATCH = "host_mismatch"
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
+class Rule(NamedTuple):
     """A pattern as the user wrote it, with where it came from."""
 
     pattern: Pattern
     action: Action
-    origin: str
+    source: str  # file the rule is in
+    index: int  # position in its list
 
     @property
     def text(self) -> str:
         return self.pattern.text
 
+    @property
+    def origin(self) -> str:
+        return f"{self.source}: network.{self.action.value}[{self.index}]"
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+
+class Decision(NamedTuple):
     action: Action
     reason: Reason
     host: str
@@ -103,8 +107,8 @@ def _first_for_port(rules: _Entries | None, port: int) -> Rule | None:
 def _first_glob(rules: _Entries | None, host: str, port: int) -> Rule | None:
     if rules:
         for rule in rules:
-            regex = rule.pattern.regex
-            if (rule.pattern.port is None or rule.pattern.port == port) and regex.fullmatch(host):
+            pattern = rule.pattern
+            if (pattern.port is None or pattern.port == port) and pattern.glob_matches(host):
                 return rule
     return None
 
@@ -122,41 +126,39 @@ class RuleIndex:
 
     @classmethod
     def build(cls, rules: Iterable[Rule]) -> RuleIndex:
-        exact: dict[str, list[Rule]] = {}
-        subtree: dict[str, list[Rule]] = {}
-        glob: dict[str, list[Rule]] = {}
-        any_host: list[Rule] = []
-        networks: dict[int, dict[int, dict[int, list[Rule]]]] = {}
+        exact: dict[str, _Entries] = {}
+        subtree: dict[str, _Entries] = {}
+        glob: dict[str, _Entries] = {}
+        any_host: _Entries = ()
+        networks: dict[int, dict[int, dict[int, _Entries]]] = {}
         for rule in rules:
             p = rule.pattern
-            if p.kind is Kind.EXACT:
-                exact.setdefault(p.key, []).append(rule)
-            elif p.kind is Kind.SUBTREE:
-                subtree.setdefault(p.key, []).append(rule)
-            elif p.kind is Kind.SUBTREE_AND_SELF:
-                exact.setdefault(p.key, []).append(rule)
-                subtree.setdefault(p.key, []).append(rule)
-            elif p.kind is Kind.GLOB:
-                glob.setdefault(p.key, []).append(rule)
-            elif p.kind is Kind.ANY:
-                any_host.append(rule)
+            kind = p.kind
+            if kind is Kind.EXACT:
+                exact[p.key] = exact.get(p.key, ()) + (rule,)
+            elif kind is Kind.SUBTREE:
+                subtree[p.key] = subtree.get(p.key, ()) + (rule,)
+            elif kind is Kind.SUBTREE_AND_SELF:
+                exact[p.key] = exact.get(p.key, ()) + (rule,)
+                subtree[p.key] = subtree.get(p.key, ()) + (rule,)
+            elif kind is Kind.GLOB:
+                glob[p.key] = glob.get(p.key, ()) + (rule,)
+            elif kind is Kind.ANY:
+                any_host += (rule,)
             else:
                 assert p.network is not None
-                by_prefix = networks.setdefault(p.network.version, {})
-                table = by_prefix.setdefault(p.network.prefixlen, {})
-                table.setdefault(int(p.network.network_address), []).append(rule)
-
-        def freeze(table: dict[str, list[Rule]]) -> Mapping[str, _Entries]:
-            return MappingProxyType({key: tuple(value) for key, value in table.items()})
-
+                table = networks.setdefault(p.network.version, {}).setdefault(
+                    p.network.prefixlen, {})
+                address = int(p.network.network_address)
+                table[address] = table.get(address, ()) + (rule,)
         frozen_networks = MappingProxyType({
-            version: tuple(
-                (prefix, MappingProxyType({k: tuple(v) for k, v in table.items()}))
-                for prefix, table in sorted(by_prefix.items(), reverse=True)
-            )
+            version: tuple((prefix, MappingProxyType(table))
+                           for prefix, table in sorted(by_prefix.items(), reverse=True))
             for version, by_prefix in networks.items()
         })
-        return cls(freeze(exact), freeze(subtree), freeze(glob), tuple(any_host), frozen_networks)
+        # Plain dicts on the hot path (a mappingproxy lookup costs a third more); the index
+        # is never handed out for mutation.
+        return cls(exact, subtree, glob, any_host, frozen_networks)
 
     def match_name(self, host: str, port: int) -> Rule | None:
         """Most specific rule for a normalised domain name, or None."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import idna
 
@@ -19,13 +19,11 @@ from .errors import InvalidHost
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-_ASCII_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_NAME_CHARACTERS = str.maketrans("", "", "abcdefghijklmnopqrstuvwxyz0123456789-_.")
 _HEX_NUMBER = re.compile(r"0[xX][0-9a-fA-F]*")
 
 
-@dataclass(frozen=True, slots=True)
-class Host:
+class Host(NamedTuple):
     """A normalised destination: a domain name in punycode, or an IP address."""
 
     name: str
@@ -39,10 +37,10 @@ class Host:
         return self.name
 
 
-def _ends_in_number(labels: list[str]) -> bool:
+def _ends_in_number(host: str) -> bool:
     """WHATWG URL "ends in a number": such a host is parsed as IPv4 or rejected."""
-    last = labels[-1]
-    return last.isdigit() or bool(_HEX_NUMBER.fullmatch(last))
+    last = host.rpartition(".")[2]
+    return last.isdigit() or (last[:1] == "0" and bool(_HEX_NUMBER.fullmatch(last)))
 
 
 def _parse_ipv4_number(part: str) -> int:
@@ -85,6 +83,15 @@ def _idna_encode(host: str) -> str:
         raise InvalidHost(f"{host!r} is not a valid internationalised host name: {exc}") from None
 
 
+def _is_valid_ascii_name(host: str) -> bool:
+    """Letters, digits, '-', '_'; labels of 1-63 characters not starting or ending in '-'."""
+    if len(host) > 253 or host.translate(_NAME_CHARACTERS):
+        return False
+    if host[0] == "-" or host[-1] == "-" or ".-" in host or "-." in host:
+        return False
+    return len(host) <= 63 or max(map(len, host.split("."))) <= 63
+
+
 @lru_cache(maxsize=65536)
 def normalize_host(raw: str) -> Host:
     """Return the canonical form of a host, or raise InvalidHost.
@@ -115,11 +122,10 @@ def normalize_host(raw: str) -> Host:
         host = host[:-1]
     if not host or host.endswith(".") or ".." in host:
         raise InvalidHost(f"{raw!r} has an empty label")
-    labels = host.split(".")
-    if _ends_in_number(labels):
+    if _ends_in_number(host):
         ip4 = parse_ipv4(host)
         return Host(str(ip4), ip4)
-    if len(host) > 253 or not _ASCII_HOST.fullmatch(host):
+    if not _is_valid_ascii_name(host):
         raise InvalidHost(
             f"{raw!r} is not a valid host name (letters, digits, '-', '_' and dots only, "
             "labels of at most 63 characters)"

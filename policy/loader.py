@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .engine import Action, CompiledPolicy, Rule, Settings, compile_rules
-from .errors import InvalidHost, PolicyError, Problem
+from .errors import InvalidHost, InvalidPattern, PolicyError, Problem
 from .hosts import normalize_host
 from .model import NetworkSettings, PolicyFile
 from .patterns import parse_pattern
@@ -61,15 +61,33 @@ def parse_policy(text: str, source: str, *, resolve: Sequence[str] = ()) -> Comp
         problems = [_problem(error, text) for error in exc.errors()]
         raise PolicyError(source, problems) from None
     overrides = _resolve_overrides(model, text, source, resolve)
-    return compile_model(model, source, overrides)
+    return compile_model(model, source, overrides, text)
 
 
-def compile_model(model: PolicyFile, source: str, resolve: dict[str, Any]) -> CompiledPolicy:
+def _rules(patterns: list[str], action: Action, source: str, text: str,
+           problems: list[Problem]) -> list[Rule]:
+    key = f"network.{action.value}"
+    rules = []
+    for index, pattern in enumerate(patterns):
+        try:
+            parsed = parse_pattern(pattern, allow_any=action is Action.ALLOW)
+        except InvalidPattern as exc:
+            line = locate(text, ("network", action.value, index), pattern) if text else None
+            problems.append(Problem(str(exc), key=f"{key}[{index}]", line=line))
+            continue
+        rules.append(Rule(parsed, action, source, index))
+    return rules
+
+
+def compile_model(model: PolicyFile, source: str, resolve: dict[str, Any],
+                  text: str = "") -> CompiledPolicy:
+    """Parse every rule pattern (once) and build the indexes; all problems are reported."""
     network = model.network
-    allow = [Rule(parse_pattern(p), Action.ALLOW, f"{source}: network.allow[{i}]")
-             for i, p in enumerate(network.allow)]
-    deny = [Rule(parse_pattern(p, allow_any=False), Action.DENY, f"{source}: network.deny[{i}]")
-            for i, p in enumerate(network.deny)]
+    problems: list[Problem] = []
+    allow = _rules(network.allow, Action.ALLOW, source, text, problems)
+    deny = _rules(network.deny, Action.DENY, source, text, problems)
+    if problems:
+        raise PolicyError(source, problems)
     settings = Settings(
         default=Action(network.default),
         ports=frozenset(network.ports),

@@ -1,31 +1,17 @@
 """The policy file schema (version 1) as pydantic models.
 
 Validation here is structural and per value (types, ranges, pattern syntax); the loader turns
-pydantic's errors into messages with the file, line and key.
+pydantic's errors into messages with the file, line and key. Rule patterns are parsed once, by
+the compiler, which reports their errors the same way.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyAddress, IPvAnyNetwork
-
-from .patterns import parse_pattern
-
-
-def _allow_pattern(text: str) -> str:
-    parse_pattern(text, allow_any=True)
-    return text
-
-
-def _deny_pattern(text: str) -> str:
-    parse_pattern(text, allow_any=False)
-    return text
-
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, IPvAnyNetwork
 
 Port = Annotated[int, Field(ge=1, le=65535)]
-AllowPattern = Annotated[str, AfterValidator(_allow_pattern)]
-DenyPattern = Annotated[str, AfterValidator(_deny_pattern)]
 
 
 class _Strict(BaseModel):
@@ -34,8 +20,8 @@ class _Strict(BaseModel):
 
 class NetworkSettings(_Strict):
     default: Literal["allow", "deny", "ask"] = "ask"
-    allow: list[AllowPattern] = []
-    deny: list[DenyPattern] = []
+    allow: list[str] = []
+    deny: list[str] = []
     ports: list[Port] = Field(default=[80, 443], min_length=1)
     allow_ip_literals: bool = False
     block_private: bool = True

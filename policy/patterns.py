@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from .errors import InvalidHost, InvalidPattern
 from .hosts import normalize_host, split_host_port
@@ -39,19 +39,51 @@ class Kind(Enum):
     NETWORK = "network"  # CIDR / IP literal
 
 
-@dataclass(frozen=True, slots=True)
-class Pattern:
+GlobLabel = str | tuple[str, ...]  # a literal label, or the pieces between its '*'s
+
+
+class Pattern(NamedTuple):
     """A parsed pattern. ``key`` is what the index files it under."""
 
     text: str
     kind: Kind
     key: str = ""
     port: int | None = None
-    regex: re.Pattern[str] | None = None
+    # GLOB only: how many extra leading labels ('' none, '*' one or more, '**' any), and the
+    # labels the host must end with, literal or glob.
+    lead: str = ""
+    labels: tuple[GlobLabel, ...] = ()
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+
+    def glob_matches(self, host: str) -> bool:
+        host_labels = host.split(".")
+        extra = len(host_labels) - len(self.labels)
+        if extra < 0 or (extra == 0 and self.lead == "*") or (extra > 0 and not self.lead):
+            return False
+        return all(_label_matches(glob, label)
+                   for glob, label in zip(self.labels, host_labels[extra:], strict=True))
+
+
+def _label_matches(glob: GlobLabel, label: str) -> bool:
+    if isinstance(glob, str):
+        return glob == label
+    first, *middle, last = glob
+    if len(label) < len(first) + len(last) or not label.startswith(first):
+        return False
+    if not label.endswith(last):
+        return False
+    position, stop = len(first), len(label) - len(last)
+    for piece in middle:
+        found = label.find(piece, position, stop)
+        if found == -1:
+            return False
+        position = found + len(piece)
+    return True
 
 
 def _split_port(text: str) -> tuple[str, int | None]:
+    if ":" not in text:
+        return text, None
     if "/" in text or text.count(":") > 1 and not text.startswith("["):
         return text, None  # CIDR or bare IPv6: no port suffix form
     try:
@@ -72,7 +104,7 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def _normal_label(label: str, pattern: str) -> str:
     try:
-        host = normalize_host(label)
+        host = normalize_host.__wrapped__(label)
     except InvalidHost as exc:
         raise InvalidPattern(f"{pattern!r}: {exc}") from None
     if host.is_ip:
@@ -95,7 +127,8 @@ def parse_pattern(text: str, *, allow_any: bool = True) -> Pattern:
         return Pattern(raw, Kind.NETWORK, port=port, network=_network(host_text))
     if "*" not in host_text:
         try:
-            host = normalize_host(host_text)
+            # Uncached: a large policy would only flush the lookup cache the proxy relies on.
+            host = normalize_host.__wrapped__(host_text)
         except InvalidHost as exc:
             raise InvalidPattern(f"{raw!r}: {exc}; {VALID_FORMS}") from None
         if host.ip is not None:
@@ -109,7 +142,7 @@ def _parse_wildcard(raw: str, text: str, port: int | None) -> Pattern:
     labels = text.split(".")
     lead = labels[0] if labels[0] in ("*", "**") else None
     rest = labels[1:] if lead else labels
-    if not rest or any(not label for label in rest):
+    if not rest or "" in rest:
         raise InvalidPattern(f"{raw!r}: empty label; {VALID_FORMS}")
     if any("**" in label for label in rest):
         raise InvalidPattern(f"{raw!r}: '**' is only valid as the whole first label")
@@ -117,23 +150,22 @@ def _parse_wildcard(raw: str, text: str, port: int | None) -> Pattern:
         suffix = _normal_label(".".join(rest), raw)
         kind = Kind.SUBTREE if lead == "*" else Kind.SUBTREE_AND_SELF
         return Pattern(raw, kind, key=suffix, port=port)
-    # A '*' inside a label: one regex over the whole host, filed under the labels after the
-    # last glob so lookup stays O(labels).
+    # A '*' inside a label: matched label by label, filed under the labels after the last
+    # glob so lookup stays O(labels).
     last_glob = max(i for i, label in enumerate(rest) if "*" in label)
     fixed = ".".join(rest[last_glob + 1 :])
     fixed_key = _normal_label(fixed, raw) if fixed else ""
-    parts = {"*": r"(?:[^.]+\.)+", "**": r"(?:[^.]+\.)*"}.get(lead or "", "")
-    pieces: list[str] = []
+    labels: list[GlobLabel] = []
     for label in rest[: last_glob + 1]:
         if "*" in label:
             if not _GLOB_LABEL.fullmatch(label):
                 raise InvalidPattern(
                     f"{raw!r}: label {label!r} may hold letters, digits, '-', '_' and '*' only"
                 )
-            pieces.append("[^.]*".join(re.escape(part) for part in label.split("*")))
+            labels.append(tuple(label.split("*")))
         else:
-            pieces.append(re.escape(_normal_label(label, raw)))
+            labels.append(_normal_label(label, raw))
     if fixed_key:
-        pieces.append(re.escape(fixed_key))
-    regex = re.compile(parts + r"\.".join(pieces))
-    return Pattern(raw, Kind.GLOB, key=fixed_key, port=port, regex=regex)
+        labels.extend(fixed_key.split("."))
+    return Pattern(raw, Kind.GLOB, key=fixed_key, port=port, lead=lead or "",
+                   labels=tuple(labels))
