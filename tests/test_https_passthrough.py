@@ -105,3 +105,26 @@ def test_tunnel_closed_event_counts_bytes(proxy, tls_origin, client_env) -> None
     assert event["bytes_up"] > 200  # ClientHello and the request
     assert event["duration_ms"] >= 0
     assert "s3cret" not in proxy.audit_path.read_text()
+
+
+def test_name_resolving_to_private_address_is_refused(tls_origin, plain_origin, client_env,
+                                                      tmp_path) -> None:
+    # Without allowed_cidrs, loopback is a private upstream. (If the proxy wrongly let it
+    # through, the connection would still only reach the local test origin.)
+    from conftest import policy_text
+
+    text = policy_text(tls_origin.port, plain_origin.port).replace(
+        'allowed_cidrs = ["127.0.0.0/8", "::1/128"]', "allowed_cidrs = []")
+    process = ProxyProcess(tmp_path / "proxy", text)
+    try:
+        before = (tls_origin.connections, plain_origin.connections)
+        result = curl(client_env, process, f"https://allowed.test:{tls_origin.port}/hello", "-v")
+        assert "< HTTP/1.1 403" in result.stderr
+        assert "< Proxy-Status: agent-egress; error=destination_ip_prohibited" in result.stderr
+        plain = curl(client_env, process, f"http://allowed.test:{plain_origin.port}/hello", "-i")
+        assert "resolves to 127.0.0.1 is loopback" in plain.stdout
+        assert (tls_origin.connections, plain_origin.connections) == before
+        event = process.wait_for_event(lambda e: e.get("reason") == "private_address")
+        assert event["decision"] == "deny" and event["rule"] == "allowed.test"
+    finally:
+        process.stop()
