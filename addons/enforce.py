@@ -7,6 +7,7 @@ upstream. An allowed one has its upstream resolved, checked and pinned before an
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from agent_egress.policy import (
@@ -16,12 +17,15 @@ from agent_egress.policy import (
     InvalidHost,
     PolicyError,
     Reason,
+    default_user_policy_path,
     load_policy,
     normalize_host,
     split_host_port,
 )
+from agent_egress.policy.writer import add_rule_to_file
 from mitmproxy import ctx, exceptions, http
 
+from .approvals import Approvals, Verdict
 from .auditlog import AuditLog
 from .pinning import UpstreamPinning
 
@@ -29,8 +33,10 @@ METADATA_KEY = "agent_egress"
 
 _X_PROXY_ERROR = {
     Reason.DENYLIST: "blocked-by-denylist",
+    Reason.DENIED_BY_APPROVER: "blocked-by-denylist",
     Reason.NOT_ALLOWLISTED: "blocked-by-allowlist",
     Reason.NEEDS_APPROVAL: "blocked-by-allowlist",
+    Reason.APPROVAL_TIMEOUT: "blocked-by-allowlist",
 }
 _PROXY_STATUS_ERROR = {
     Reason.PRIVATE_ADDRESS: "destination_ip_prohibited",
@@ -84,12 +90,34 @@ def _request_fields(flow: http.HTTPFlow) -> dict[str, Any]:
     }
 
 
+def _verdict_decision(held: Decision, verdict: Verdict, timeout: float) -> Decision:
+    if verdict.scope == "timeout":
+        return held._replace(
+            action=Action.DENY, reason=Reason.APPROVAL_TIMEOUT,
+            detail=f"no decision within {timeout:g} s; the person supervising the agent can run "
+                   f"'agent-egress approve {held.host}:{held.port}', then retry")
+    if verdict.action is Action.ALLOW:
+        return held._replace(action=Action.ALLOW, reason=Reason.APPROVED,
+                             detail=f"approved by {verdict.actor} ({verdict.scope})")
+    return held._replace(action=Action.DENY, reason=Reason.DENIED_BY_APPROVER,
+                         detail=f"denied by {verdict.actor} ({verdict.scope})")
+
+
+def _verdict_fields(verdict: Verdict | None) -> dict[str, Any]:
+    if verdict is None:
+        return {}
+    return {"approval_id": verdict.approval_id, "approval_actor": verdict.actor,
+            "approval_scope": verdict.scope}
+
+
 class Enforcer:
     """Applies the compiled policy at CONNECT and at request headers."""
 
-    def __init__(self, audit: AuditLog, pinning: UpstreamPinning) -> None:
+    def __init__(self, audit: AuditLog, pinning: UpstreamPinning, approvals: Approvals) -> None:
         self.audit = audit
         self.pinning = pinning
+        self.approvals = approvals
+        approvals.persist = self.persist_rule
         self.policy: CompiledPolicy | None = None
 
     def load(self, loader: Any) -> None:
@@ -101,10 +129,24 @@ class Enforcer:
     def configure(self, updated: set[str]) -> None:
         if updated & {"policy_file", "resolve_overrides"}:
             try:
-                self.policy = load_policy(ctx.options.policy_file or None,
-                                          resolve=ctx.options.resolve_overrides)
+                self._load()
             except PolicyError as exc:
                 raise exceptions.OptionsError(str(exc)) from exc
+
+    def _load(self) -> None:
+        self.policy = load_policy(ctx.options.policy_file or None,
+                                  resolve=ctx.options.resolve_overrides)
+
+    def persist_rule(self, action: Action, host: str, port: int | None) -> None:
+        """Write an `always` decision to the user policy file and start using it."""
+        assert self.policy is not None
+        path = Path(ctx.options.policy_file or default_user_policy_path())
+        in_ports = port is None or port in self.policy.settings.ports
+        add_rule_to_file(path, action, host if in_ports else f"{host}:{port}")
+        if ctx.options.policy_file != str(path):
+            ctx.options.update(policy_file=str(path))
+        else:
+            self._load()
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         await self._enforce(flow, flow.request.host, flow.request.port)
@@ -134,26 +176,49 @@ class Enforcer:
                         detail=f"the Host header ({header}) names another destination than "
                                f"the request ({request.host}:{request.port})")
 
+    async def _ask(self, flow: http.HTTPFlow, held: Decision) -> tuple[Decision, Verdict] | None:
+        """A person's verdict for a destination no rule covers; None if the client left."""
+        assert self.policy is not None
+        verdict = self.approvals.session_verdict(held.host, held.port)
+        if verdict is None:
+            self.audit.emit("request.decided", **_request_fields(flow),
+                            **{**decision_fields(held), "decision": "held"})
+            timeout = self.policy.settings.approval_timeout
+            verdict = await self.approvals.hold(flow, held, timeout)
+            if verdict is None:
+                flow.kill()
+                return None
+        return _verdict_decision(held, verdict, self.policy.settings.approval_timeout), verdict
+
     async def _enforce(self, flow: http.HTTPFlow, host: str, port: int) -> None:
         assert self.policy is not None
         decision = self.policy.decide(host, port)
+        verdict: Verdict | None = None
+        if decision.action is Action.ASK:
+            answer = await self._ask(flow, decision)
+            if answer is None:
+                return
+            decision, verdict = answer
         if decision.action is not Action.ALLOW:
-            self._refuse(flow, decision)
+            self._refuse(flow, decision, verdict)
             return
         if not self.pinning.is_pinned(flow.client_conn, host, port):
             resolution = await self.pinning.resolve(self.policy, decision.host, port)
             if resolution.refusal:
                 reason = Reason.DNS_ERROR if resolution.dns_failed else Reason.PRIVATE_ADDRESS
                 self._refuse(flow, Decision(Action.DENY, reason, decision.host, port,
-                                            decision.rule, resolution.refusal))
+                                            decision.rule, resolution.refusal), verdict)
                 return
             self.pinning.pin(flow.client_conn, host, port, resolution.addresses[0])
             flow.metadata.setdefault(METADATA_KEY, {})["address"] = str(resolution.addresses[0])
         flow.metadata.setdefault(METADATA_KEY, {})["decision"] = decision
         self.audit.emit("request.decided", **_request_fields(flow), **decision_fields(decision),
-                        address=flow.metadata[METADATA_KEY].get("address"))
+                        address=flow.metadata[METADATA_KEY].get("address"),
+                        **_verdict_fields(verdict))
 
-    def _refuse(self, flow: http.HTTPFlow, decision: Decision) -> None:
+    def _refuse(self, flow: http.HTTPFlow, decision: Decision,
+                verdict: Verdict | None = None) -> None:
         flow.metadata.setdefault(METADATA_KEY, {})["decision"] = decision
-        self.audit.emit("request.decided", **_request_fields(flow), **decision_fields(decision))
+        self.audit.emit("request.decided", **_request_fields(flow), **decision_fields(decision),
+                        **_verdict_fields(verdict))
         flow.response = blocked_response(decision)

@@ -4,7 +4,13 @@ from .addresses import embedded_ipv4, non_public_reason
 from .engine import Action, CompiledPolicy, Decision, Reason, Rule, RuleIndex, Settings
 from .errors import InvalidHost, InvalidPattern, PolicyError, Problem
 from .hosts import Host, normalize_host, parse_ipv4, split_host_port
-from .loader import BUILTIN, builtin_policy_text, load_policy, parse_policy
+from .loader import (
+    BUILTIN,
+    builtin_policy_text,
+    default_user_policy_path,
+    load_policy,
+    parse_policy,
+)
 from .patterns import Kind, Pattern, parse_pattern
 
 __all__ = [
@@ -24,6 +30,7 @@ __all__ = [
     "RuleIndex",
     "Settings",
     "builtin_policy_text",
+    "default_user_policy_path",
     "embedded_ipv4",
     "load_policy",
     "non_public_reason",

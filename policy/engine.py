@@ -43,6 +43,9 @@ class Reason(StrEnum):
     DNS_ERROR = "dns_error"
     SNI_MISMATCH = "sni_mismatch"
     HOST_MISMATCH = "host_mismatch"
+    APPROVED = "approved"
+    DENIED_BY_APPROVER = "denied_by_approver"
+    APPROVAL_TIMEOUT = "approval_timeout"
 
 
 class Rule(NamedTuple):
@@ -89,6 +92,10 @@ class Decision(NamedTuple):
                 return "not on the allowlist (the policy's default is deny)"
             case Reason.NEEDS_APPROVAL:
                 return "not on the allowlist; needs a person's approval"
+            case Reason.APPROVED | Reason.DENIED_BY_APPROVER:
+                return self.detail
+            case Reason.APPROVAL_TIMEOUT:
+                return (f"not on the allowlist, and nobody approved it in time; {self.detail}")
             case _:
                 return self.detail or self.reason.value
 
@@ -201,6 +208,7 @@ class Settings:
     block_private: bool = True
     allowed_cidrs: tuple[IPNetwork, ...] = ()
     resolve: Mapping[str, IPAddress] = field(default_factory=dict)
+    approval_timeout: float = 120.0
 
 
 _CACHE_LIMIT = 65536

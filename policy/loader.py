@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Sequence
@@ -16,13 +17,19 @@ from pydantic import BaseModel, ValidationError
 from .engine import Action, CompiledPolicy, Rule, Settings, compile_rules
 from .errors import InvalidHost, InvalidPattern, PolicyError, Problem
 from .hosts import normalize_host
-from .model import NetworkSettings, PolicyFile
+from .model import ApprovalSettings, NetworkSettings, PolicyFile
 from .patterns import parse_pattern
 
 BUILTIN = "<built-in default policy>"
 _TOML_POSITION = re.compile(r"\(at line (\d+), column (\d+)\)")
 _HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
 _KEY = re.compile(r"""^\s*(?:"([^"]+)"|'([^']+)'|([A-Za-z0-9_.-]+))\s*=""")
+
+
+def default_user_policy_path() -> Path:
+    """Where the user's own policy lives when --config is not given (XDG config dir)."""
+    config = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(config) / "agent-egress" / "policy.toml"
 
 
 def builtin_policy_text() -> str:
@@ -95,6 +102,7 @@ def compile_model(model: PolicyFile, source: str, resolve: dict[str, Any],
         block_private=network.block_private,
         allowed_cidrs=tuple(network.allowed_cidrs),
         resolve=resolve,
+        approval_timeout=model.approvals.timeout,
     )
     return compile_rules(allow, deny, settings, source)
 
@@ -148,7 +156,8 @@ def _problem(error: dict[str, Any], text: str) -> Problem:
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
-    return {(): PolicyFile, ("network",): NetworkSettings}.get(loc, PolicyFile)
+    return {(): PolicyFile, ("network",): NetworkSettings,
+            ("approvals",): ApprovalSettings}.get(loc, PolicyFile)
 
 
 def locate(text: str, loc: tuple[Any, ...], value: str | None = None) -> int | None:

@@ -28,7 +28,12 @@ class NetworkSettings(_Strict):
     allowed_cidrs: list[IPvAnyNetwork] = []
 
 
+class ApprovalSettings(_Strict):
+    timeout: float = Field(default=120.0, gt=0, le=86400)
+
+
 class PolicyFile(_Strict):
     version: Literal[1]
     network: NetworkSettings = NetworkSettings()
+    approvals: ApprovalSettings = ApprovalSettings()
     resolve: dict[str, IPvAnyAddress] = {}

@@ -13,11 +13,16 @@ from agent_egress.policy import (
     CompiledPolicy,
     InvalidHost,
     PolicyError,
+    default_user_policy_path,
     load_policy,
     non_public_reason,
     normalize_host,
     split_host_port,
 )
+
+from . import approval_cli
+from .approval_client import ApprovalClientError
+from .paths import default_socket_path
 
 EXIT_OK, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
 
@@ -53,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="static address for a host, like curl --resolve (repeatable)")
     serve.add_argument("--dns-timeout", metavar="SECONDS", type=float, default=5.0,
                        help="timeout of the proxy's own DNS lookups (default 5)")
+    serve.add_argument("--approver-uid", metavar="UID", type=int, action="append", default=[],
+                       help="another uid allowed to approve (the proxy's own uid and root "
+                            "always are; the socket's file permissions must let it in too)")
+    approval_cli.add_socket_option(serve)
+
+    approval_cli.add_parsers(commands)
 
     policy = commands.add_parser("policy", help="check and explain policies")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True,
@@ -137,16 +148,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
-    _load(args.config, args.resolve)  # a bad file never starts a proxy
+    config = args.config
+    if config is None and default_user_policy_path().exists():
+        config = str(default_user_policy_path())
+    _load(config, args.resolve)  # a bad file never starts a proxy
     host, port = args.listen
-    return serve(listen_host=host, listen_port=port, policy_file=args.config,
+    return serve(listen_host=host, listen_port=port, policy_file=config,
                  audit_log=args.audit_log, resolve=args.resolve,
-                 extra={"dns_timeout": args.dns_timeout})
+                 socket_path=args.approval_socket or default_socket_path(),
+                 approver_uids=args.approver_uid, extra={"dns_timeout": args.dns_timeout})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"serve": cmd_serve}.get(args.command)
+    handler = {"serve": cmd_serve, "pending": approval_cli.cmd_pending,
+               "approve": approval_cli.cmd_decide, "deny": approval_cli.cmd_decide,
+               "watch": approval_cli.cmd_watch}.get(args.command)
     if args.command == "policy":
         handler = {"check": cmd_check, "explain": cmd_explain}[args.policy_command]
     assert handler is not None
@@ -155,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolicyError as exc:
         print(f"agent-egress: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ApprovalClientError as exc:
+        print(f"agent-egress: {exc}", file=sys.stderr)
+        return EXIT_DENIED
     except KeyboardInterrupt:
         return 130
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Iterable
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
+from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog, default_audit_log_path
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.tunnels import Tunnels
 from mitmproxy import ctx, options
 from mitmproxy.tools.dump import DumpMaster
+
+from .approval_server import ApprovalServer, SocketSetupError
 
 
 def proxy_env_lines(url: str) -> list[str]:
@@ -22,6 +27,9 @@ def proxy_env_lines(url: str) -> list[str]:
 
 class Announce:
     """Tells the person starting the proxy where it listens and what the agent needs."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
 
     def running(self) -> None:
         addresses = ctx.master.addons.get("proxyserver").listen_addrs()
@@ -32,24 +40,23 @@ class Announce:
         audit_log = ctx.options.audit_log or str(default_audit_log_path())
         print(f"agent-egress {version('agent-egress')} listening on {shown}:{port}", flush=True)
         print(f"policy: {policy}\naudit log: {audit_log}", flush=True)
+        print(f"approval socket: {self.socket_path} (agent-egress watch)", flush=True)
         print("Set these in the agent's environment:", flush=True)
         for line in proxy_env_lines(url):
             print(f"  {line}", flush=True)
 
 
-def build_master(opts: options.Options) -> DumpMaster:
-    master = DumpMaster(opts, with_termlog=True, with_dumper=False)
-    audit = AuditLog()
-    pinning = UpstreamPinning()
-    master.addons.add(audit, pinning, Enforcer(audit, pinning), Tunnels(audit), Announce())
-    return master
-
-
 def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
-          audit_log: str | None, resolve: list[str], extra: dict[str, Any] | None = None) -> int:
-    async def main() -> None:
+          audit_log: str | None, resolve: list[str], socket_path: Path,
+          approver_uids: Iterable[int] = (), extra: dict[str, Any] | None = None) -> int:
+    async def main() -> int:
         opts = options.Options(listen_host=listen_host, listen_port=listen_port)
-        master = build_master(opts)
+        master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+        audit = AuditLog()
+        pinning = UpstreamPinning()
+        approvals = Approvals(audit)
+        master.addons.add(audit, pinning, approvals, Enforcer(audit, pinning, approvals),
+                          Tunnels(audit), Announce(socket_path))
         opts.update(
             # Nothing connects upstream before the policy has decided and pinned an address.
             connection_strategy="lazy",
@@ -61,11 +68,21 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
             audit_log=audit_log or "",
             **(extra or {}),
         )
+        server = ApprovalServer(approvals, audit, socket_path, approver_uids)
+        try:
+            await server.start()
+        except (SocketSetupError, OSError) as exc:
+            print(f"agent-egress: cannot open the approval socket: {exc}", file=sys.stderr)
+            return 2
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, master.shutdown)
-        await master.run()
+        try:
+            await master.run()
+        finally:
+            await server.stop()
+        return 0
 
-    asyncio.run(main())
+    status = asyncio.run(main())
     sys.stdout.flush()
-    return 0
+    return status

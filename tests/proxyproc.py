@@ -21,8 +21,9 @@ class ProxyProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         self.audit_path = workdir / "audit.jsonl"
         self.policy_path = workdir / "policy.toml"
+        self.socket_path = workdir / "approvals.sock"
         args = [sys.executable, "-m", "agent_egress.proxy", "serve", "--listen", "127.0.0.1:0",
-                "--audit-log", str(self.audit_path)]
+                "--audit-log", str(self.audit_path), "--approval-socket", str(self.socket_path)]
         if policy is not None:
             self.policy_path.write_text(policy)
             args += ["--config", str(self.policy_path)]
@@ -32,12 +33,26 @@ class ProxyProcess:
         self._ready = threading.Event()
         self.process = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdin=subprocess.DEVNULL, env=self.env(),
         )
         threading.Thread(target=self._read, daemon=True).start()
         if not self._ready.wait(30) or self.port is None:
             self.stop()
             raise RuntimeError("proxy did not start:\n" + "".join(self.output))
+
+    def env(self) -> dict[str, str]:
+        """The proxy's (and its approvers') environment: XDG dirs of its own, nothing shared."""
+        env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+        env.update(PYTHONUNBUFFERED="1", XDG_CONFIG_HOME=str(self.workdir / "config"),
+                   XDG_STATE_HOME=str(self.workdir / "state"))
+        return env
+
+    def cli(self, *args: str, timeout: float = 30, **kwargs) -> subprocess.CompletedProcess:
+        """Run an agent-egress command against this proxy's approval socket."""
+        command = [sys.executable, "-m", "agent_egress.proxy", *args,
+                   "--approval-socket", str(self.socket_path)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              env=self.env(), stdin=subprocess.DEVNULL, **kwargs)
 
     def _read(self) -> None:
         assert self.process.stdout is not None

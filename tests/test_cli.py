@@ -114,14 +114,16 @@ def test_serve_builtin_policy_prints_agent_environment(tmp_path: Path, tls_origi
         assert f"HTTPS_PROXY=http://127.0.0.1:{process.port}" in text
         assert f"HTTP_PROXY=http://127.0.0.1:{process.port}" in text
         assert "policy: built-in default policy" in text
-        # Unknown hosts need approval; until someone approves, the answer is a 403.
+        assert f"approval socket: {process.socket_path}" in text
+        # The built-in deny list refuses paste sites (decided before any DNS lookup).
         result = subprocess.run(["curl", "-sS", "-i", "-x", process.url,
-                                 "http://unknown.test/"],
+                                 "http://pastebin.com/raw/x"],
                                 env=client_env, capture_output=True, text=True, timeout=30)
         assert "403" in result.stdout.splitlines()[0]
-        assert "needs a person's approval" in result.stdout
-        event = process.wait_for_event(lambda e: e.get("host") == "unknown.test")
-        assert event["reason"] == "needs_approval"
+        assert "matches the deny rule '**.pastebin.com' (<built-in default policy>" in (
+            result.stdout)
+        event = process.wait_for_event(lambda e: e.get("host") == "pastebin.com")
+        assert event["reason"] == "denylist"
     finally:
         assert process.stop() == 0
     started = process.events("proxy.started")

@@ -1,0 +1,258 @@
+"""Holding requests to unknown destinations until a person decides.
+
+Requests for the same host and port share one pending approval; one decision releases them all.
+A pending approval lives at most ``approval_timeout`` seconds from when it was opened. When its
+last waiting client gives up, it stays listed (marked as such) until then, so a person can still
+decide for the client's retry; nothing outlives the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from agent_egress.policy import (
+    Action,
+    Decision,
+    InvalidHost,
+    PolicyError,
+    normalize_host,
+    split_host_port,
+)
+from mitmproxy import connection, http
+from mitmproxy.connection import ConnectionState
+
+from .auditlog import AuditLog
+
+SCOPES = ("once", "session", "always")
+_CLIENT_CHECK_INTERVAL = 0.25
+
+
+class ApprovalError(Exception):
+    """A decision that cannot be applied; the message is for the approver."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: Action  # ALLOW or DENY
+    scope: str  # once | session | always | timeout
+    actor: str  # "uid:1000", or "timeout"
+    approval_id: str | None = None
+
+
+@dataclass(eq=False)
+class Waiter:
+    client: connection.Client
+    future: asyncio.Future[Verdict | None]
+
+
+@dataclass(eq=False)
+class Pending:
+    id: str
+    host: str
+    port: int
+    scheme: str
+    method: str | None
+    path: str | None
+    client: str
+    agent: str | None
+    opened: float  # wall clock, for people
+    deadline: float  # event-loop clock
+    waiters: list[Waiter] = field(default_factory=list)
+    requests: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+    def summary(self, now: float) -> dict[str, Any]:
+        return {
+            "id": self.id, "host": self.host, "port": self.port, "scheme": self.scheme,
+            "method": self.method, "path": self.path, "client": self.client,
+            "agent": self.agent,
+            "first_seen": datetime.fromtimestamp(self.opened, UTC).isoformat(),
+            "waiting": len(self.waiters), "requests": self.requests,
+            "clients_gone": not self.waiters,
+            "expires_in": max(0.0, round(self.deadline - now, 1)),
+        }
+
+
+def _client_gone(client: connection.Client) -> bool:
+    return not client.state & ConnectionState.CAN_READ
+
+
+class Approvals:
+    """Pending approvals, session decisions, and the subscribers watching them."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+        self.pending: dict[tuple[str, int], Pending] = {}
+        self._by_id: dict[str, Pending] = {}
+        self._session: dict[str, dict[int | None, Verdict]] = {}  # host -> port|None -> verdict
+        self._subscribers: set[Callable[[dict[str, Any]], None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        # Set by the enforcer: writes an `always` decision to the user policy file.
+        self.persist: Callable[[Action, str, int | None], None] | None = None
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def session_verdict(self, host: str, port: int) -> Verdict | None:
+        ports = self._session.get(host)
+        if not ports:
+            return None
+        return ports.get(port) or ports.get(None)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = asyncio.get_running_loop().time()
+        return [p.summary(now) for p in sorted(self.pending.values(), key=lambda p: p.opened)]
+
+    def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        self._subscribers.add(callback)
+
+    def unsubscribe(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        self._subscribers.discard(callback)
+
+    def _notify(self, event: str, pending: Pending, **extra: Any) -> None:
+        message = {"event": event,
+                   "pending": pending.summary(asyncio.get_running_loop().time()), **extra}
+        for callback in list(self._subscribers):
+            callback(message)
+
+    # -- holding ---------------------------------------------------------------------------
+
+    async def hold(self, flow: http.HTTPFlow, decision: Decision, timeout: float,
+                   agent: str | None = None) -> Verdict | None:
+        """Wait for a person's verdict on this request; None if the client left first."""
+        loop = asyncio.get_running_loop()
+        key = (decision.host, decision.port)
+        pending = self.pending.get(key)
+        request = flow.request
+        is_connect = request.method == "CONNECT"
+        if pending is None:
+            peer = flow.client_conn.peername
+            pending = Pending(
+                id=secrets.token_hex(4), host=decision.host, port=decision.port,
+                scheme="connect" if is_connect else request.scheme,
+                method=None if is_connect else request.method,
+                path=None if is_connect else request.path.split("?", 1)[0],
+                client=f"{peer[0]}:{peer[1]}" if peer else "", agent=agent,
+                opened=time.time(), deadline=loop.time() + timeout,
+            )
+            pending.timer = loop.call_at(pending.deadline, self._expire, pending)
+            self.pending[key] = pending
+            self._by_id[pending.id] = pending
+            self.audit.emit("approval.requested", approval_id=pending.id, host=pending.host,
+                            port=pending.port, scheme=pending.scheme, method=pending.method,
+                            path=pending.path, client=pending.client, agent=agent)
+            event = "pending.opened"
+        else:
+            event = "pending.updated"
+        waiter = Waiter(flow.client_conn, loop.create_future())
+        pending.waiters.append(waiter)
+        pending.requests += 1
+        self._notify(event, pending)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch_clients())
+        return await waiter.future
+
+    async def _watch_clients(self) -> None:
+        """Drop waiters whose client hung up, so nothing waits for a connection that is gone."""
+        while self.pending:
+            await asyncio.sleep(_CLIENT_CHECK_INTERVAL)
+            for pending in list(self.pending.values()):
+                gone = [w for w in pending.waiters if _client_gone(w.client)]
+                if not gone:
+                    continue
+                for waiter in gone:
+                    pending.waiters.remove(waiter)
+                    if not waiter.future.done():
+                        waiter.future.set_result(None)
+                self._notify("pending.updated", pending)
+
+    def _expire(self, pending: Pending) -> None:
+        if self.pending.get((pending.host, pending.port)) is not pending:
+            return
+        if pending.waiters:
+            verdict = Verdict(Action.DENY, "timeout", "timeout", pending.id)
+            self.audit.emit("approval.decided", approval_id=pending.id, host=pending.host,
+                            port=pending.port, decision="deny", scope="timeout",
+                            actor="timeout", released=len(pending.waiters))
+            self._close(pending, verdict, "timeout")
+        else:
+            self.audit.emit("approval.abandoned", approval_id=pending.id, host=pending.host,
+                            port=pending.port)
+            self._close(pending, None, "abandoned")
+
+    def _close(self, pending: Pending, verdict: Verdict | None, outcome: str) -> int:
+        released = len(pending.waiters)
+        for waiter in pending.waiters:
+            if not waiter.future.done():
+                waiter.future.set_result(verdict)
+        pending.waiters.clear()
+        if pending.timer is not None:
+            pending.timer.cancel()
+        del self.pending[(pending.host, pending.port)]
+        del self._by_id[pending.id]
+        self._notify("pending.closed", pending, outcome=outcome)
+        return released
+
+    # -- deciding --------------------------------------------------------------------------
+
+    def _find(self, target: str) -> tuple[list[Pending], str, int | None]:
+        if target in self._by_id:
+            pending = self._by_id[target]
+            return [pending], pending.host, pending.port
+        try:
+            host_text, port = split_host_port(target)
+            host = normalize_host(host_text).name
+        except InvalidHost as exc:
+            raise ApprovalError("bad_target",
+                                f"{target!r} is neither a pending id nor a HOST[:PORT]: {exc}"
+                                ) from None
+        matches = [p for p in self.pending.values()
+                   if p.host == host and (port is None or p.port == port)]
+        return matches, host, port
+
+    def decide(self, target: str, decision: str, scope: str, actor: str) -> dict[str, Any]:
+        """Apply a person's decision; returns what it did, for the approver's client."""
+        if decision not in ("allow", "deny"):
+            raise ApprovalError("bad_request", "decision must be 'allow' or 'deny'")
+        if scope not in SCOPES:
+            raise ApprovalError("bad_request", f"scope must be one of {', '.join(SCOPES)}")
+        action = Action(decision)
+        matches, host, port = self._find(target)
+        if not matches and scope == "once":
+            raise ApprovalError("not_found", f"nothing is waiting for {target}; "
+                                "use --scope session or always to decide ahead of a request")
+        if scope == "always":
+            if self.persist is None:
+                raise ApprovalError("unsupported", "this proxy cannot write its policy file")
+            try:
+                self.persist(action, host, port)
+            except PolicyError as exc:
+                raise ApprovalError("write_failed", f"{exc}; nothing was decided") from None
+        released = 0
+        ids = []
+        for pending in matches or [None]:
+            verdict = Verdict(action, scope, actor, pending.id if pending else None)
+            if scope in ("session", "always"):
+                self._session.setdefault(host, {})[pending.port if pending else port] = verdict
+            self.audit.emit("approval.decided", approval_id=verdict.approval_id, host=host,
+                            port=pending.port if pending else port, decision=decision,
+                            scope=scope, actor=actor,
+                            released=len(pending.waiters) if pending else 0)
+            if pending is not None:
+                ids.append(pending.id)
+                released += self._close(pending, verdict, decision)
+        return {"host": host, "port": port, "decision": decision, "scope": scope,
+                "ids": ids, "released": released}
+
+    def done(self) -> None:
+        for pending in list(self.pending.values()):
+            self._close(pending, None, "shutdown")

@@ -1,0 +1,162 @@
+"""`agent-egress pending | approve | deny | watch`: a person's side of the approval socket."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import select
+import sys
+import termios
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .approval_client import ApprovalClient
+from .paths import default_socket_path
+
+KEYS = {
+    "o": ("allow", "once"),
+    "s": ("allow", "session"),
+    "a": ("allow", "always"),
+    "d": ("deny", "once"),
+}
+PROMPT = "allow [o]nce, for the [s]ession, [a]lways; [d]eny; s[k]ip; [q]uit? "
+
+
+def add_socket_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--approval-socket", metavar="PATH", type=Path,
+                        default=None, help=f"approval socket (default {default_socket_path()})")
+
+
+def add_parsers(commands: Any) -> None:
+    pending = commands.add_parser("pending", help="list requests waiting for approval")
+    pending.add_argument("--json", action="store_true", help="machine-readable output")
+    add_socket_option(pending)
+    for name, verb in (("approve", "allow"), ("deny", "deny")):
+        decide = commands.add_parser(
+            name, help=f"{verb} a waiting request (by id) or a destination (HOST[:PORT])",
+            description=f"{verb.capitalize()} the pending approval ID, or every request for "
+                        "HOST[:PORT]. With --scope session or always this also decides ahead "
+                        "of requests that have not arrived yet (e.g. a client's retry).")
+        decide.add_argument("target", metavar="ID|HOST[:PORT]")
+        decide.add_argument("--scope", choices=("once", "session", "always"), default="once",
+                            help="once: the requests waiting now; session: until the proxy "
+                                 "stops; always: also written to the user policy file")
+        add_socket_option(decide)
+    watch = commands.add_parser("watch", help="answer approvals interactively as they arrive")
+    add_socket_option(watch)
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    return args.approval_socket or default_socket_path()
+
+
+def describe(pending: dict[str, Any]) -> str:
+    what = pending["scheme"].upper()
+    if pending.get("method"):
+        what += f" {pending['method']} {pending.get('path') or ''}".rstrip()
+    waiting = ("client gone" if pending["clients_gone"]
+               else f"{pending['waiting']} waiting")
+    agent = f" agent={pending['agent']}" if pending.get("agent") else ""
+    return (f"{pending['id']}  {pending['host']}:{pending['port']}  {what}  from "
+            f"{pending['client']}{agent}  ({waiting}, {pending['expires_in']:.0f}s left)")
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    with ApprovalClient(_socket(args)) as client:
+        pending = client.request("list")["pending"]
+    if args.json:
+        print(json.dumps(pending, indent=2))
+    elif not pending:
+        print("no requests are waiting for approval")
+    else:
+        for item in pending:
+            print(describe(item))
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    decision = "allow" if args.command == "approve" else "deny"
+    with ApprovalClient(_socket(args)) as client:
+        result = client.request("decide", target=args.target, decision=decision,
+                                scope=args.scope)
+    target = result["host"] + (f":{result['port']}" if result.get("port") else "")
+    print(f"{decision} {target} ({result['scope']}): released {result['released']} "
+          f"waiting request{'s' if result['released'] != 1 else ''}")
+    return 0
+
+
+@contextlib.contextmanager
+def _cbreak(fd: int) -> Iterator[None]:
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    path = _socket(args)
+    with ApprovalClient(path, timeout=None) as client:
+        queue: list[dict[str, Any]] = client.request("subscribe")["pending"]
+        if not sys.stdin.isatty():
+            for item in queue:
+                print(describe(item))
+            if not queue:
+                print("no requests are waiting for approval")
+            print("agent-egress watch: standard input is not a terminal, so there is nobody to "
+                  "ask; use 'agent-egress approve ID' or 'agent-egress deny ID' from scripts",
+                  file=sys.stderr)
+            return 0
+        print(f"watching {path} (Ctrl-C or q to stop)", flush=True)
+        with _cbreak(sys.stdin.fileno()):
+            return _watch_loop(client, queue)
+
+
+def _watch_loop(client: ApprovalClient, queue: list[dict[str, Any]]) -> int:
+    current: dict[str, Any] | None = None
+    while True:
+        if current is None and queue:
+            current = queue.pop(0)
+            print(f"\n{describe(current)}\n{PROMPT}", end="", flush=True)
+        readable, _, _ = select.select([client, sys.stdin], [], [])
+        if client in readable:
+            for message in client.read_available():
+                event = message.get("event")
+                item = message.get("pending", {})
+                if event == "pending.opened":
+                    queue.append(item)
+                    if current is not None:
+                        print(f"\n  (also waiting: {item['host']}:{item['port']})\n{PROMPT}",
+                              end="", flush=True)
+                elif event == "pending.closed":
+                    queue[:] = [q for q in queue if q["id"] != item["id"]]
+                    if current is not None and current["id"] == item["id"]:
+                        print(f"\n  -> {message.get('outcome')}", flush=True)
+                        current = None
+                elif event == "pending.updated" and current and current["id"] == item["id"]:
+                    if item["clients_gone"] and not current["clients_gone"]:
+                        print("\n  (the waiting client has gone; a session or always decision "
+                              f"still applies to its retry)\n{PROMPT}", end="", flush=True)
+                    current = item
+                elif event is None and "released" in message:
+                    print(f"  released {message['released']}", flush=True)
+        if sys.stdin in readable:
+            key = os.read(sys.stdin.fileno(), 1).decode(errors="replace")
+            if key in ("q", "\x04", ""):
+                print()
+                return 0
+            if current is None:
+                continue
+            if key == "k":
+                print("skipped", flush=True)
+                current = None
+            elif key in KEYS:
+                decision, scope = KEYS[key]
+                print(f"{decision} {scope}", flush=True)
+                client.send({"op": "decide", "target": current["id"], "decision": decision,
+                             "scope": scope})

@@ -1,0 +1,153 @@
+"""The approval socket: newline-delimited JSON over a Unix socket, for people (not agents).
+
+Only approvers may connect: the directory is 0700, the socket 0600, and the peer's uid
+(SO_PEERCRED) must be an allowed approver. The agent must never be able to approve its own
+requests, so in production it runs as another user or in another container.
+See docs/approval-protocol.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from agent_egress.addons.approvals import ApprovalError, Approvals
+from agent_egress.addons.auditlog import AuditLog
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+class SocketSetupError(Exception):
+    """The socket cannot be created safely; the message says what to fix."""
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def _prepare_directory(directory: Path) -> None:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.getuid():
+        raise SocketSetupError(
+            f"{directory} belongs to uid {info.st_uid}, not to this proxy (uid {os.getuid()}); "
+            "choose another --approval-socket")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(directory, 0o700)
+
+
+def _reply(ok: bool = True, **fields: Any) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "ok": ok, **fields}
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return _reply(False, error={"code": code, "message": message})
+
+
+class ApprovalServer:
+    def __init__(self, approvals: Approvals, audit: AuditLog, path: Path,
+                 approver_uids: Iterable[int] = ()) -> None:
+        self.approvals = approvals
+        self.audit = audit
+        self.path = path
+        self.approver_uids = {os.getuid(), 0, *approver_uids}
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        _prepare_directory(self.path.parent)
+        if self.path.is_socket():
+            self.path.unlink()  # left by a proxy that did not stop cleanly
+        elif self.path.exists():
+            raise SocketSetupError(f"{self.path} exists and is not a socket; remove it or "
+                                   "choose another --approval-socket")
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve_client, path=str(self.path), limit=MAX_MESSAGE_BYTES)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self.path.unlink(missing_ok=True)
+
+    async def _serve_client(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        uid = peer_uid(writer.get_extra_info("socket"))
+        if uid not in self.approver_uids:
+            self.audit.emit("approval.peer_refused", uid=uid)
+            await self._send(writer, _error(
+                "forbidden", f"uid {uid} may not approve requests on this proxy"))
+            writer.close()
+            return
+        subscription = None
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    await self._send(writer, _error(
+                        "too_large", f"messages are limited to {MAX_MESSAGE_BYTES} bytes"))
+                    break
+                if not line:
+                    break
+                response, subscribe = self._handle(line, uid)
+                if subscribe and subscription is None:
+                    def subscription(event: dict[str, Any]) -> None:
+                        writer.write(json.dumps({"v": PROTOCOL_VERSION, **event}).encode()
+                                     + b"\n")
+                    self.approvals.subscribe(subscription)
+                await self._send(writer, response)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            if subscription is not None:
+                self.approvals.unsubscribe(subscription)
+            writer.close()
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+        writer.write(json.dumps(message).encode() + b"\n")
+        await writer.drain()
+
+    def _handle(self, line: bytes, uid: int) -> tuple[dict[str, Any], bool]:
+        try:
+            request = json.loads(line)
+        except ValueError as exc:
+            return _error("bad_json", f"not a JSON object: {exc}"), False
+        if not isinstance(request, dict):
+            return _error("bad_request", "each message must be a JSON object"), False
+        if request.get("v") != PROTOCOL_VERSION:
+            return _error("bad_version", f"this proxy speaks protocol version "
+                                         f"{PROTOCOL_VERSION}; send \"v\": 1"), False
+        op = request.get("op")
+        if op == "ping":
+            return _reply(pong=True), False
+        if op == "list":
+            return _reply(pending=self.approvals.snapshot()), False
+        if op == "subscribe":
+            return _reply(pending=self.approvals.snapshot(), subscribed=True), True
+        if op == "decide":
+            target, decision = request.get("target"), request.get("decision")
+            scope = request.get("scope", "once")
+            if not all(isinstance(x, str) for x in (target, decision, scope)):
+                return _error("bad_request",
+                              "decide needs string fields target, decision and scope"), False
+            try:
+                result = self.approvals.decide(target, decision, scope, actor=f"uid:{uid}")
+            except ApprovalError as exc:
+                return _error(exc.code, str(exc)), False
+            return _reply(**result), False
+        return _error("unknown_op", f"unknown op {op!r}; valid: ping, list, subscribe, decide"), \
+            False
