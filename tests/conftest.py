@@ -16,7 +16,8 @@ from proxyproc import ProxyProcess  # noqa: E402
 
 # Names the tests use; all are mapped to loopback with the proxy's own --resolve setting.
 TLS_NAMES = ["allowed.test", "other.test", "evil.test", "sub.wild.test", "deep.sub.wild.test",
-             "pypi.example.test", "git.example.test", "ws.example.test", "denied.evil.test"]
+             "pypi.example.test", "git.example.test", "ws.example.test", "denied.evil.test",
+             "ask.test", "ask2.test", "ask3.test", "ask4.test"]
 CA_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO",
                 "PIP_CERT", "NODE_EXTRA_CA_CERTS")
 
