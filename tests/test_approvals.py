@@ -322,6 +322,7 @@ def test_watch_without_terminal_prints_and_exits(ask_proxy, plain_origin, client
     curl.communicate(timeout=30)
 
 
+@pytest.mark.filterwarnings("ignore:.*forkpty.*:DeprecationWarning")
 def test_watch_in_a_terminal_takes_one_key_answers(ask_proxy, tls_origin, client_env):
     pid, fd = pty.fork()
     if pid == 0:  # the child: agent-egress watch on a real terminal
