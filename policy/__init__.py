@@ -1,7 +1,7 @@
 """The agent-egress decision engine: pure, fast, and free of proxy or socket code."""
 
 from .addresses import embedded_ipv4, non_public_reason
-from .engine import Action, CompiledPolicy, Decision, Reason, Rule, RuleIndex, Settings
+from .engine import Action, CompiledPolicy, Decision, Layer, Reason, Rule, RuleIndex, Settings
 from .errors import InvalidHost, InvalidPattern, PolicyError, Problem
 from .hosts import Host, normalize_host, parse_ipv4, split_host_port
 from .loader import (
@@ -22,6 +22,7 @@ __all__ = [
     "InvalidHost",
     "InvalidPattern",
     "Kind",
+    "Layer",
     "Pattern",
     "PolicyError",
     "Problem",

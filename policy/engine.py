@@ -72,6 +72,7 @@ class Decision(NamedTuple):
     port: int
     rule: Rule | None = None
     detail: str = ""
+    layer: str = ""  # which policy layer decided: "managed", "user", or "" (default, checks)
 
     @property
     def allowed(self) -> bool:
@@ -200,7 +201,7 @@ class RuleIndex:
 
 @dataclass(frozen=True)
 class Settings:
-    """The non-rule settings of the network table, as compiled."""
+    """The effective non-rule settings, after layering."""
 
     default: Action = Action.ASK
     ports: frozenset[int] = frozenset({80, 443})
@@ -209,25 +210,64 @@ class Settings:
     allowed_cidrs: tuple[IPNetwork, ...] = ()
     resolve: Mapping[str, IPAddress] = field(default_factory=dict)
     approval_timeout: float = 120.0
+    mode: str = "enforce"  # "enforce" | "audit"
+    approval_scopes: frozenset[str] = frozenset({"once", "session", "always"})
+    managed_allowed_domains_only: bool = False
+    telemetry_required: bool = False
+
+
+class Layer(NamedTuple):
+    """One policy file's rules, compiled. ``name`` is "managed" or "user"."""
+
+    name: str
+    source: str
+    allow: RuleIndex
+    deny: RuleIndex
+    allow_count: int
+    deny_count: int
+
+    @classmethod
+    def build(cls, name: str, source: str, allow: Sequence[Rule],
+              deny: Sequence[Rule]) -> Layer:
+        return cls(name, source, RuleIndex.build(allow), RuleIndex.build(deny), len(allow),
+                   len(deny))
 
 
 _CACHE_LIMIT = 65536
+_DEFAULT_REASON = {Action.ALLOW: Reason.DEFAULT, Action.DENY: Reason.NOT_ALLOWLISTED,
+                   Action.ASK: Reason.NEEDS_APPROVAL}
 
 
 class CompiledPolicy:
-    """A policy ready to decide. Build with :func:`compile_rules`; never mutated after."""
+    """A policy ready to decide: layers in precedence order (managed, then user).
 
-    __slots__ = ("allow", "deny", "settings", "source", "allow_count", "deny_count", "_cache")
+    Precedence: managed deny > user deny > managed allow > user allow > default. Build with
+    :func:`compile_rules` or the loader; never mutated after.
+    """
 
-    def __init__(self, allow: RuleIndex, deny: RuleIndex, settings: Settings, source: str,
-                 allow_count: int, deny_count: int) -> None:
-        self.allow = allow
-        self.deny = deny
+    __slots__ = ("layers", "settings", "problems", "_allow_layers", "_cache")
+
+    def __init__(self, layers: Sequence[Layer], settings: Settings,
+                 problems: Sequence[object] = ()) -> None:
+        self.layers = tuple(layers)
         self.settings = settings
-        self.source = source
-        self.allow_count = allow_count
-        self.deny_count = deny_count
+        # Requirement violations that were reported and not applied (errors.Problem).
+        self.problems = tuple(problems)
+        managed_only = settings.managed_allowed_domains_only and len(self.layers) > 1
+        self._allow_layers = self.layers[:1] if managed_only else self.layers
         self._cache: dict[tuple[str, int], Decision] = {}
+
+    @property
+    def source(self) -> str:
+        return self.layers[-1].source
+
+    @property
+    def allow_count(self) -> int:
+        return sum(layer.allow_count for layer in self.layers)
+
+    @property
+    def deny_count(self) -> int:
+        return sum(layer.deny_count for layer in self.layers)
 
     def decide(self, host: str, port: int) -> Decision:
         """The decision for a destination as a client named it (any spelling)."""
@@ -257,30 +297,45 @@ class CompiledPolicy:
                         detail=f"port {port} is not in the allowed ports ({ports})")
 
     def _decide_name(self, host: str, port: int) -> Decision:
-        if rule := self.deny.match_name(host, port):
-            return Decision(Action.DENY, Reason.DENYLIST, host, port, rule)
-        allow_rule = self.allow.match_name(host, port)
+        for layer in self.layers:
+            if rule := layer.deny.match_name(host, port):
+                return Decision(Action.DENY, Reason.DENYLIST, host, port, rule, layer=layer.name)
+        allow_rule, allow_layer = None, ""
+        for layer in self._allow_layers:
+            if rule := layer.allow.match_name(host, port):
+                allow_rule, allow_layer = rule, layer.name
+                break
         if denied := self._port_denied(host, port, allow_rule):
             return denied
         if allow_rule:
-            return Decision(Action.ALLOW, Reason.ALLOWLIST, host, port, allow_rule)
+            return Decision(Action.ALLOW, Reason.ALLOWLIST, host, port, allow_rule,
+                            layer=allow_layer)
+        if self._allow_layers is not self.layers:
+            return Decision(Action.DENY, Reason.NOT_ALLOWLISTED, host, port, layer="managed",
+                            detail="not on the managed allowlist, and the managed policy allows "
+                                   "no other destinations (managed_allowed_domains_only)")
         default = self.settings.default
-        reason = {Action.ALLOW: Reason.DEFAULT, Action.DENY: Reason.NOT_ALLOWLISTED,
-                  Action.ASK: Reason.NEEDS_APPROVAL}[default]
-        return Decision(default, reason, host, port)
+        return Decision(default, _DEFAULT_REASON[default], host, port)
 
     def _decide_ip(self, host: Host, port: int) -> Decision:
         assert host.ip is not None
-        if rule := self.deny.match_ip(host.ip, port):
-            return Decision(Action.DENY, Reason.DENYLIST, host.name, port, rule)
+        for layer in self.layers:
+            if rule := layer.deny.match_ip(host.ip, port):
+                return Decision(Action.DENY, Reason.DENYLIST, host.name, port, rule,
+                                layer=layer.name)
         if not self.settings.allow_ip_literals:
             return Decision(Action.DENY, Reason.IP_LITERAL, host.name, port,
                             detail="requests to IP addresses are not allowed (allow_ip_literals)")
-        allow_rule = self.allow.match_ip(host.ip, port)
+        allow_rule, allow_layer = None, ""
+        for layer in self._allow_layers:
+            if rule := layer.allow.match_ip(host.ip, port):
+                allow_rule, allow_layer = rule, layer.name
+                break
         if denied := self._port_denied(host.name, port, allow_rule):
             return denied
         if allow_rule:
-            return Decision(Action.ALLOW, Reason.ALLOWLIST, host.name, port, allow_rule)
+            return Decision(Action.ALLOW, Reason.ALLOWLIST, host.name, port, allow_rule,
+                            layer=allow_layer)
         return Decision(Action.DENY, Reason.IP_LITERAL, host.name, port,
                         detail="no CIDR rule in the allow list covers this address")
 
@@ -301,6 +356,5 @@ class CompiledPolicy:
 
 def compile_rules(allow: Iterable[Rule], deny: Iterable[Rule], settings: Settings,
                   source: str = "<rules>") -> CompiledPolicy:
-    allow_rules, deny_rules = list(allow), list(deny)
-    return CompiledPolicy(RuleIndex.build(allow_rules), RuleIndex.build(deny_rules), settings,
-                          source, len(allow_rules), len(deny_rules))
+    """A single-layer policy from rules (the user layer)."""
+    return CompiledPolicy([Layer.build("user", source, list(allow), list(deny))], settings)

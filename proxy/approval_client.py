@@ -51,7 +51,10 @@ class ApprovalClient:
 
     def receive(self) -> dict[str, Any]:
         while b"\n" not in self._buffer:
-            chunk = self._sock.recv(65536)
+            try:
+                chunk = self._sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
             if not chunk:
                 raise ApprovalClientError("the proxy closed the approval connection")
             self._buffer += chunk
@@ -67,7 +70,10 @@ class ApprovalClient:
         return message
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        self.send({"op": op, **fields})
+        try:
+            self.send({"op": op, **fields})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the proxy refused us before reading; its reply, already sent, says why
         while True:
             message = self.receive()
             if "event" not in message:  # replies and events share the stream

@@ -60,6 +60,7 @@ class ProxyProcess:
             self.output.append(line)
             if match := _LISTENING.search(line):
                 self.port = int(match.group(1))
+            if line.strip().startswith("http_proxy="):  # the last line of the banner
                 self._ready.set()
         self._ready.set()
 

@@ -213,6 +213,8 @@ def _list_as_nobody(socket_path: Path) -> str:
                     message = f"ok {client.request('list')}"
             except ApprovalClientError as exc:
                 message = f"error {exc}"
+            except Exception as exc:  # shown by the assertion in the parent
+                message = f"crash {exc!r}"
             os.write(write_end, message.encode())
         finally:
             os._exit(0)
