@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections.abc import Iterator
@@ -70,10 +71,9 @@ class ApprovalClient:
         return message
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:
-        try:
+        # The proxy may refuse us before reading; its reply, already sent, says why.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             self.send({"op": op, **fields})
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the proxy refused us before reading; its reply, already sent, says why
         while True:
             message = self.receive()
             if "event" not in message:  # replies and events share the stream
