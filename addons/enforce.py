@@ -52,6 +52,7 @@ def decision_fields(decision: Decision) -> dict[str, Any]:
         "reason": decision.reason.value,
         "rule": decision.rule.text if decision.rule else None,
         "rule_origin": decision.rule.origin if decision.rule else None,
+        "layer": decision.layer or None,
         "detail": decision.detail or None,
     }
 

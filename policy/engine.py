@@ -53,8 +53,9 @@ class Rule(NamedTuple):
 
     pattern: Pattern
     action: Action
-    source: str  # file the rule is in
+    source: str  # file the rule is in, or "preset NAME via FILE"
     index: int  # position in its list
+    layer: str = "user"  # "managed" or "user"
 
     @property
     def text(self) -> str:
@@ -62,7 +63,9 @@ class Rule(NamedTuple):
 
     @property
     def origin(self) -> str:
-        return f"{self.source}: network.{self.action.value}[{self.index}]"
+        if self.source.startswith("preset "):
+            return f"{self.source} ({self.layer})"
+        return f"{self.source} ({self.layer}): network.{self.action.value}[{self.index}]"
 
 
 class Decision(NamedTuple):
@@ -183,6 +186,45 @@ class RuleIndex:
         if self.glob and (rule := _first_glob(self.glob.get(""), host, port)):
             return rule
         return _first_for_port(self.any_host, port)
+
+    def covers(self, pattern: Pattern) -> bool:
+        """Whether every destination ``pattern`` matches is matched by a rule here.
+
+        Used for ``allowlist_expansion = false``: a user allow rule must stay inside the
+        managed allowlist. Port 0 asks for a rule valid on every port.
+        """
+        port = pattern.port or 0
+        kind = pattern.kind
+        if kind is Kind.NETWORK:
+            assert pattern.network is not None
+            return any(
+                _first_for_port(rules, port) is not None
+                and ipaddress.ip_network((address, prefix)).supernet_of(pattern.network)
+                for prefix, table in self.networks.get(pattern.network.version, ())
+                if prefix <= pattern.network.prefixlen
+                for address, rules in table.items()
+            )
+        if _first_for_port(self.any_host, port):
+            return True
+        if kind is Kind.EXACT:
+            return self.match_name(pattern.key, port) is not None
+        if kind is Kind.ANY:
+            return False
+        subtree_covered = self._subtree_covered(pattern.key, port) if pattern.key else False
+        if kind is Kind.SUBTREE_AND_SELF:
+            return subtree_covered and self.match_name(pattern.key, port) is not None
+        return subtree_covered  # SUBTREE, and GLOB (its hosts lie below its fixed suffix)
+
+    def _subtree_covered(self, suffix: str, port: int) -> bool:
+        """Every strict subdomain of ``suffix`` is covered by one subtree rule."""
+        candidate = suffix
+        while True:
+            if _first_for_port(self.subtree.get(candidate), port):
+                return True
+            dot = candidate.find(".")
+            if dot == -1:
+                return False
+            candidate = candidate[dot + 1 :]
 
     def match_ip(self, ip: IPAddress, port: int) -> Rule | None:
         """Most specific CIDR rule for an address (IPv4-mapped IPv6 also as its IPv4 form)."""

@@ -14,11 +14,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .engine import Action, CompiledPolicy, Rule, Settings, compile_rules
-from .errors import InvalidHost, InvalidPattern, PolicyError, Problem
+from .engine import CompiledPolicy
+from .errors import InvalidHost, PolicyError, Problem
 from .hosts import normalize_host
-from .model import ApprovalSettings, NetworkSettings, PolicyFile
-from .patterns import parse_pattern
+from .layering import ParsedFile, compile_layers
+from .model import ApprovalSettings, NetworkSettings, PolicyFile, Requirements
 
 BUILTIN = "<built-in default policy>"
 _TOML_POSITION = re.compile(r"\(at line (\d+), column (\d+)\)")
@@ -36,13 +36,20 @@ def builtin_policy_text() -> str:
     return resources.files(__package__).joinpath("default.toml").read_text(encoding="utf-8")
 
 
-def load_policy(path: str | Path | None, *, resolve: Sequence[str] = ()) -> CompiledPolicy:
-    """Load and compile a policy file (the built-in default when path is None).
-
-    ``resolve`` adds ``HOST=ADDR`` overrides, like ``serve --resolve``.
+def load_policy(path: str | Path | None, *, resolve: Sequence[str] = (),
+                managed: str | Path | None = None) -> CompiledPolicy:
+    """Load and compile the user policy (the built-in default when path is None), under the
+    managed policy when one is given. ``resolve`` adds ``HOST=ADDR`` overrides, like
+    ``serve --resolve``. Raises PolicyError for a file that is invalid as a whole; requirement
+    violations are in the result's ``problems``.
     """
-    if path is None:
-        return parse_policy(builtin_policy_text(), BUILTIN, resolve=resolve)
+    user = read_policy_file(path) if path is not None else parse_policy_text(
+        builtin_policy_text(), BUILTIN)
+    managed_file = read_policy_file(managed) if managed is not None else None
+    return compile_layers(user, managed_file, cli_resolve(resolve))
+
+
+def read_policy_file(path: str | Path) -> ParsedFile:
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -50,10 +57,16 @@ def load_policy(path: str | Path | None, *, resolve: Sequence[str] = ()) -> Comp
         raise PolicyError(source, [Problem("file not found")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(source, [Problem(f"cannot be read: {exc}")]) from None
-    return parse_policy(text, source, resolve=resolve)
+    return parse_policy_text(text, source)
 
 
 def parse_policy(text: str, source: str, *, resolve: Sequence[str] = ()) -> CompiledPolicy:
+    """A single-layer policy from TOML text."""
+    return compile_layers(parse_policy_text(text, source), None, cli_resolve(resolve))
+
+
+def parse_policy_text(text: str, source: str) -> ParsedFile:
+    """TOML text to a validated model, or a PolicyError listing every problem."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -67,57 +80,23 @@ def parse_policy(text: str, source: str, *, resolve: Sequence[str] = ()) -> Comp
     except ValidationError as exc:
         problems = [_problem(error, text) for error in exc.errors()]
         raise PolicyError(source, problems) from None
-    overrides = _resolve_overrides(model, text, source, resolve)
-    return compile_model(model, source, overrides, text)
-
-
-def _rules(patterns: list[str], action: Action, source: str, text: str,
-           problems: list[Problem]) -> list[Rule]:
-    key = f"network.{action.value}"
-    rules = []
-    for index, pattern in enumerate(patterns):
+    problems = []
+    for host in model.resolve:
         try:
-            parsed = parse_pattern(pattern, allow_any=action is Action.ALLOW)
-        except InvalidPattern as exc:
-            line = locate(text, ("network", action.value, index), pattern) if text else None
-            problems.append(Problem(str(exc), key=f"{key}[{index}]", line=line))
-            continue
-        rules.append(Rule(parsed, action, source, index))
-    return rules
-
-
-def compile_model(model: PolicyFile, source: str, resolve: dict[str, Any],
-                  text: str = "") -> CompiledPolicy:
-    """Parse every rule pattern (once) and build the indexes; all problems are reported."""
-    network = model.network
-    problems: list[Problem] = []
-    allow = _rules(network.allow, Action.ALLOW, source, text, problems)
-    deny = _rules(network.deny, Action.DENY, source, text, problems)
-    if problems:
-        raise PolicyError(source, problems)
-    settings = Settings(
-        default=Action(network.default),
-        ports=frozenset(network.ports),
-        allow_ip_literals=network.allow_ip_literals,
-        block_private=network.block_private,
-        allowed_cidrs=tuple(network.allowed_cidrs),
-        resolve=resolve,
-        approval_timeout=model.approvals.timeout,
-    )
-    return compile_rules(allow, deny, settings, source)
-
-
-def _resolve_overrides(model: PolicyFile, text: str, source: str,
-                       extra: Sequence[str]) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    problems: list[Problem] = []
-    for host, address in model.resolve.items():
-        try:
-            overrides[normalize_host(host).name] = address
+            normalize_host(host)
         except InvalidHost as exc:
             problems.append(Problem(f"{exc}", key=f"resolve.{host}",
                                     line=locate(text, ("resolve", host))))
-    for item in extra:
+    if problems:
+        raise PolicyError(source, problems)
+    return ParsedFile(model, source, text)
+
+
+def cli_resolve(items: Sequence[str]) -> dict[str, Any]:
+    """``HOST=ADDR`` strings (serve --resolve) as normalised host -> address."""
+    overrides: dict[str, Any] = {}
+    problems: list[Problem] = []
+    for item in items:
         host, sep, address = item.partition("=")
         try:
             if not sep:
@@ -127,7 +106,7 @@ def _resolve_overrides(model: PolicyFile, text: str, source: str,
             problems.append(Problem(f"--resolve {item!r}: {exc}; expected HOST=ADDR, "
                                     "e.g. pypi.example.test=127.0.0.1"))
     if problems:
-        raise PolicyError(source, problems)
+        raise PolicyError("command line", problems)
     return overrides
 
 
@@ -156,8 +135,8 @@ def _problem(error: dict[str, Any], text: str) -> Problem:
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
-    return {(): PolicyFile, ("network",): NetworkSettings,
-            ("approvals",): ApprovalSettings}.get(loc, PolicyFile)
+    return {(): PolicyFile, ("network",): NetworkSettings, ("approvals",): ApprovalSettings,
+            ("requirements",): Requirements}.get(loc, PolicyFile)
 
 
 def locate(text: str, loc: tuple[Any, ...], value: str | None = None) -> int | None:

@@ -9,9 +9,31 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, IPvAnyNetwork
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyAddress,
+    IPvAnyNetwork,
+)
+
+from .presets import presets
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+Mode = Literal["enforce", "audit"]
+Scope = Literal["once", "session", "always"]
+DefaultAction = Literal["allow", "deny", "ask"]
+
+
+def _known_preset(name: str) -> str:
+    if name not in presets():
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(presets())} "
+                         "(agent-egress policy presets)")
+    return name
+
+
+PresetName = Annotated[str, AfterValidator(_known_preset)]
 
 
 class _Strict(BaseModel):
@@ -19,7 +41,7 @@ class _Strict(BaseModel):
 
 
 class NetworkSettings(_Strict):
-    default: Literal["allow", "deny", "ask"] = "ask"
+    default: DefaultAction = "ask"
     allow: list[str] = []
     deny: list[str] = []
     ports: list[Port] = Field(default=[80, 443], min_length=1)
@@ -32,8 +54,24 @@ class ApprovalSettings(_Strict):
     timeout: float = Field(default=120.0, gt=0, le=86400)
 
 
+class Requirements(_Strict):
+    """What a managed policy lets the user layer set (names after Codex's requirements.toml)."""
+
+    allowed_modes: list[Mode] | None = None
+    allowlist_expansion: bool = True
+    managed_allowed_domains_only: bool = False
+    allowed_approval_scopes: list[Scope] | None = None
+    default_floor: DefaultAction | None = None
+    allowed_ports: list[Port] | None = None
+    telemetry_required: bool = False
+    protected_file: bool = False  # refuse to start when the managed file is writable by others
+
+
 class PolicyFile(_Strict):
     version: Literal[1]
+    mode: Mode = "enforce"
+    presets: list[PresetName] = []
     network: NetworkSettings = NetworkSettings()
     approvals: ApprovalSettings = ApprovalSettings()
     resolve: dict[str, IPvAnyAddress] = {}
+    requirements: Requirements | None = None

@@ -56,7 +56,7 @@ def test_explain_allowed_and_denied(tmp_path: Path) -> None:
     assert result["decision"] == "deny"
     assert result["reason"] == "denylist"
     assert result["rule"] == "bad.example.com"
-    assert result["rule_origin"] == f"{path}: network.deny[0]"
+    assert result["rule_origin"] == f"{path} (user): network.deny[0]"
 
 
 def test_explain_port_rules(tmp_path: Path) -> None:

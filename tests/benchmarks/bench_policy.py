@@ -18,7 +18,7 @@ import time
 import tomllib
 
 from agent_egress.policy import engine, normalize_host
-from agent_egress.policy.loader import compile_model
+from agent_egress.policy.layering import ParsedFile, compile_layers
 from agent_egress.policy.model import PolicyFile
 
 TLDS = ["com", "org", "net", "io", "dev", "co.uk", "de", "test"]
@@ -84,7 +84,8 @@ def main() -> None:
         start = time.perf_counter()
         data = tomllib.loads(text)
         parsed = time.perf_counter()
-        policy = compile_model(PolicyFile.model_validate(data), f"<{size} rules>", {}, text)
+        parsed_file = ParsedFile(PolicyFile.model_validate(data), f"<{size} rules>", text)
+        policy = compile_layers(parsed_file, None, {})
         compiled = time.perf_counter()
         del data
         gc.collect()
