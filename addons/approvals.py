@@ -18,6 +18,7 @@ from typing import Any
 
 from agent_egress.policy import (
     Action,
+    CompiledPolicy,
     Decision,
     InvalidHost,
     PolicyError,
@@ -97,8 +98,11 @@ class Approvals:
         self._session: dict[str, dict[int | None, Verdict]] = {}  # host -> port|None -> verdict
         self._subscribers: set[Callable[[dict[str, Any]], None]] = set()
         self._watcher: asyncio.Task[None] | None = None
-        # Set by the enforcer: writes an `always` decision to the user policy file.
+        # Set by the enforcer: writes an `always` decision to the user policy file, and the
+        # scopes the (managed) policy lets approvers use.
         self.persist: Callable[[Action, str, int | None], None] | None = None
+        self.allowed_scopes: frozenset[str] = frozenset(SCOPES)
+        self._deciding: set[str] = set()  # pending ids an `always` write is about to decide
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -190,6 +194,8 @@ class Approvals:
             self._close(pending, None, "abandoned")
 
     def _close(self, pending: Pending, verdict: Verdict | None, outcome: str) -> int:
+        if self._by_id.get(pending.id) is not pending:
+            return 0  # already closed
         released = len(pending.waiters)
         for waiter in pending.waiters:
             if not waiter.future.done():
@@ -225,6 +231,11 @@ class Approvals:
             raise ApprovalError("bad_request", "decision must be 'allow' or 'deny'")
         if scope not in SCOPES:
             raise ApprovalError("bad_request", f"scope must be one of {', '.join(SCOPES)}")
+        if scope not in self.allowed_scopes:
+            allowed = ", ".join(s for s in SCOPES if s in self.allowed_scopes)
+            raise ApprovalError("forbidden_scope",
+                                f"the managed policy does not allow {scope!r} decisions "
+                                f"(allowed_approval_scopes: {allowed})")
         action = Action(decision)
         matches, host, port = self._find(target)
         if not matches and scope == "once":
@@ -233,10 +244,13 @@ class Approvals:
         if scope == "always":
             if self.persist is None:
                 raise ApprovalError("unsupported", "this proxy cannot write its policy file")
+            self._deciding = {pending.id for pending in matches}
             try:
                 self.persist(action, host, port)
             except PolicyError as exc:
                 raise ApprovalError("write_failed", f"{exc}; nothing was decided") from None
+            finally:
+                self._deciding = set()
         released = 0
         ids = []
         for pending in matches or [None]:
@@ -252,6 +266,18 @@ class Approvals:
                 released += self._close(pending, verdict, decision)
         return {"host": host, "port": port, "decision": decision, "scope": scope,
                 "ids": ids, "released": released}
+
+    def policy_changed(self, policy: CompiledPolicy) -> None:
+        """After a reload: requests the new policy decides by rule are re-decided by it."""
+        for pending in list(self.pending.values()):
+            if pending.id in self._deciding:
+                continue
+            if policy.decide(pending.host, pending.port).action is not Action.ASK:
+                self.audit.emit("approval.decided", approval_id=pending.id, host=pending.host,
+                                port=pending.port, scope="reload", actor="policy",
+                                released=len(pending.waiters))
+                self._close(pending, Verdict(Action.DENY, "reload", "policy", pending.id),
+                            "reload")
 
     def done(self) -> None:
         for pending in list(self.pending.values()):

@@ -124,19 +124,31 @@ class Enforcer:
     def load(self, loader: Any) -> None:
         loader.add_option("policy_file", str, "",
                           "Policy file (TOML); empty for the built-in default policy.")
+        loader.add_option("managed_policy_file", str, "",
+                          "Managed (admin-owned) policy file layered above the user policy.")
         loader.add_option("resolve_overrides", Sequence[str], [],
                           "Static HOST=ADDR overrides, like curl --resolve.")
 
     def configure(self, updated: set[str]) -> None:
-        if updated & {"policy_file", "resolve_overrides"}:
+        if updated & {"policy_file", "managed_policy_file", "resolve_overrides"}:
             try:
-                self._load()
+                self.reload()
             except PolicyError as exc:
                 raise exceptions.OptionsError(str(exc)) from exc
 
-    def _load(self) -> None:
-        self.policy = load_policy(ctx.options.policy_file or None,
-                                  resolve=ctx.options.resolve_overrides)
+    def reload(self) -> CompiledPolicy:
+        """Load the policy files afresh; on error the policy in force stays (PolicyError)."""
+        policy = load_policy(ctx.options.policy_file or None,
+                             resolve=ctx.options.resolve_overrides,
+                             managed=ctx.options.managed_policy_file or None)
+        self.policy = policy
+        self.approvals.allowed_scopes = policy.settings.approval_scopes
+        self.audit.emit("policy.loaded", policy=ctx.options.policy_file or "built-in",
+                        managed=ctx.options.managed_policy_file or None,
+                        mode=policy.settings.mode, rules=policy.allow_count + policy.deny_count,
+                        violations=list(policy.problems) or None)
+        self.approvals.policy_changed(policy)
+        return policy
 
     def persist_rule(self, action: Action, host: str, port: int | None) -> None:
         """Write an `always` decision to the user policy file and start using it."""
@@ -147,7 +159,7 @@ class Enforcer:
         if ctx.options.policy_file != str(path):
             ctx.options.update(policy_file=str(path))
         else:
-            self._load()
+            self.reload()
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         await self._enforce(flow, flow.request.host, flow.request.port)
@@ -158,7 +170,9 @@ class Enforcer:
         request = flow.request
         if (mismatch := self._host_header_mismatch(request)) is not None:
             self._refuse(flow, mismatch)
-            return
+            if not self.auditing:
+                return
+            flow.response = None  # audit mode: logged, then decided as usual
         await self._enforce(flow, request.host, request.port)
 
     def _host_header_mismatch(self, request: http.Request) -> Decision | None:
@@ -195,31 +209,50 @@ class Enforcer:
         assert self.policy is not None
         decision = self.policy.decide(host, port)
         verdict: Verdict | None = None
-        if decision.action is Action.ASK:
+        if decision.action is Action.ASK and not self.auditing:
             answer = await self._ask(flow, decision)
             if answer is None:
                 return
             decision, verdict = answer
-        if decision.action is not Action.ALLOW:
-            self._refuse(flow, decision, verdict)
-            return
-        if not self.pinning.is_pinned(flow.client_conn, host, port):
-            resolution = await self.pinning.resolve(self.policy, decision.host, port)
-            if resolution.refusal:
-                reason = Reason.DNS_ERROR if resolution.dns_failed else Reason.PRIVATE_ADDRESS
-                self._refuse(flow, Decision(Action.DENY, reason, decision.host, port,
-                                            decision.rule, resolution.refusal), verdict)
+            if verdict.scope == "reload":  # the reloaded policy has a rule for it now
+                await self._enforce(flow, host, port)
                 return
-            self.pinning.pin(flow.client_conn, host, port, resolution.addresses[0])
-            flow.metadata.setdefault(METADATA_KEY, {})["address"] = str(resolution.addresses[0])
+        refusal = decision if decision.action is not Action.ALLOW else None
+        pinned = self.pinning.is_pinned(flow.client_conn, host, port)
+        if not pinned and (refusal is None or self.auditing):
+            resolution = await self.pinning.resolve(self.policy, decision.host, port)
+            if resolution.refusal and refusal is None:
+                reason = Reason.DNS_ERROR if resolution.dns_failed else Reason.PRIVATE_ADDRESS
+                refusal = Decision(Action.DENY, reason, decision.host, port, decision.rule,
+                                   resolution.refusal, decision.layer)
+            if resolution.addresses:
+                self.pinning.pin(flow.client_conn, host, port, resolution.addresses[0])
+                flow.metadata.setdefault(METADATA_KEY, {})["address"] = str(
+                    resolution.addresses[0])
+                pinned = True
+        if refusal is not None:
+            self._refuse(flow, refusal, verdict)
+            if self.auditing and pinned:
+                flow.response = None  # logged as refused; audit mode lets it through
+            return
         flow.metadata.setdefault(METADATA_KEY, {})["decision"] = decision
         self.audit.emit("request.decided", **_request_fields(flow), **decision_fields(decision),
                         address=flow.metadata[METADATA_KEY].get("address"),
                         **_verdict_fields(verdict))
 
+    @property
+    def auditing(self) -> bool:
+        """Audit mode: every decision is logged as it would be, but traffic flows."""
+        return self.policy is not None and self.policy.settings.mode == "audit"
+
     def _refuse(self, flow: http.HTTPFlow, decision: Decision,
                 verdict: Verdict | None = None) -> None:
         flow.metadata.setdefault(METADATA_KEY, {})["decision"] = decision
-        self.audit.emit("request.decided", **_request_fields(flow), **decision_fields(decision),
+        fields = {**decision_fields(decision)}
+        if self.auditing:
+            fields.update(mode="audit", enforced=False)
+            if decision.action is Action.ASK:
+                fields["decision"] = "held"
+        self.audit.emit("request.decided", **_request_fields(flow), **fields,
                         **_verdict_fields(verdict))
         flow.response = blocked_response(decision)

@@ -7,6 +7,7 @@ SNI names the host the CONNECT was allowed for (domain fronting otherwise), then
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,8 +58,9 @@ class CloseClient(layer.Layer):
 
 
 class Tunnels:
-    def __init__(self, audit: AuditLog) -> None:
+    def __init__(self, audit: AuditLog, auditing: Callable[[], bool] = lambda: False) -> None:
         self.audit = audit
+        self.auditing = auditing  # audit mode: a mismatch is logged, the tunnel still flows
         self._tunnels: dict[str, Tunnel] = {}  # client connection id -> its one tunnel
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
@@ -87,8 +89,10 @@ class Tunnels:
                 detail = (f"TLS SNI {hello.sni!r} does not name the CONNECT target "
                           f"{tunnel.host}" if hello.sni else
                           f"TLS ClientHello without SNI for CONNECT target {tunnel.host}")
-                self._reject(nextlayer, tunnel, detail, hello.sni)
-                return
+                if not self.auditing():
+                    self._reject(nextlayer, tunnel, detail, hello.sni)
+                    return
+                self._log_mismatch(tunnel, detail, hello.sni, audit_mode=True)
             tunnel.protocol = "tls"
         elif isinstance(nextlayer.layer, layers.HttpLayer):
             tunnel.protocol = "http"  # plain HTTP in the tunnel: decided per request
@@ -114,11 +118,16 @@ class Tunnels:
     def _reject(self, nextlayer: layer.NextLayer, tunnel: Tunnel, detail: str,
                 sni: str | None) -> None:
         self._tunnels.pop(nextlayer.context.client.id, None)
+        self._log_mismatch(tunnel, detail, sni)
+        nextlayer.layer = CloseClient(nextlayer.context)
+
+    def _log_mismatch(self, tunnel: Tunnel, detail: str, sni: str | None,
+                      audit_mode: bool = False) -> None:
         decision = Decision(Action.DENY, Reason.SNI_MISMATCH, tunnel.host, tunnel.port,
                             detail=detail)
+        extra = {"mode": "audit", "enforced": False} if audit_mode else {}
         self.audit.emit("request.decided", client=tunnel.client, scheme="connect", sni=sni,
-                        **decision_fields(decision))
-        nextlayer.layer = CloseClient(nextlayer.context)
+                        **decision_fields(decision), **extra)
 
     def client_disconnected(self, client: connection.Client) -> None:
         tunnel = self._tunnels.pop(client.id, None)

@@ -381,6 +381,22 @@ class CompiledPolicy:
         return Decision(Action.DENY, Reason.IP_LITERAL, host.name, port,
                         detail="no CIDR rule in the allow list covers this address")
 
+    def layer_verdicts(self, host: str, port: int) -> list[tuple[Layer, Rule | None, Rule | None]]:
+        """For `policy explain`: each layer's matching deny and allow rule, if any."""
+        try:
+            normal = normalize_host(host)
+        except InvalidHost:
+            return [(layer, None, None) for layer in self.layers]
+        verdicts = []
+        for layer in self.layers:
+            if normal.ip is not None:
+                verdicts.append((layer, layer.deny.match_ip(normal.ip, port),
+                                 layer.allow.match_ip(normal.ip, port)))
+            else:
+                verdicts.append((layer, layer.deny.match_name(normal.name, port),
+                                 layer.allow.match_name(normal.name, port)))
+        return verdicts
+
     def resolve_override(self, host: str) -> IPAddress | None:
         """The static address configured for a (normalised) host, if any."""
         return self.settings.resolve.get(host)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from agent_egress.addons.approvals import ApprovalError, Approvals
 from agent_egress.addons.auditlog import AuditLog
+
+logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -55,8 +58,10 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 class ApprovalServer:
     def __init__(self, approvals: Approvals, audit: AuditLog, path: Path,
-                 approver_uids: Iterable[int] = ()) -> None:
+                 approver_uids: Iterable[int] = (),
+                 status: Callable[[], dict[str, Any]] | None = None) -> None:
         self.approvals = approvals
+        self.status = status
         self.audit = audit
         self.path = path
         self.approver_uids = {os.getuid(), 0, *approver_uids}
@@ -102,7 +107,11 @@ class ApprovalServer:
                     break
                 if not line:
                     break
-                response, subscribe = self._handle(line, uid)
+                try:
+                    response, subscribe = self._handle(line, uid)
+                except Exception as exc:  # a bug must not take the socket down with it
+                    logger.exception("approval request failed")
+                    response, subscribe = _error("internal", f"internal error: {exc!r}"), False
                 if subscribe and subscription is None:
                     def subscription(event: dict[str, Any]) -> None:
                         writer.write(json.dumps({"v": PROTOCOL_VERSION, **event}).encode()
@@ -134,6 +143,8 @@ class ApprovalServer:
         op = request.get("op")
         if op == "ping":
             return _reply(pong=True), False
+        if op == "status":
+            return _reply(status=self.status() if self.status else {}), False
         if op == "list":
             return _reply(pending=self.approvals.snapshot()), False
         if op == "subscribe":
@@ -149,5 +160,5 @@ class ApprovalServer:
             except ApprovalError as exc:
                 return _error(exc.code, str(exc)), False
             return _reply(**result), False
-        return _error("unknown_op", f"unknown op {op!r}; valid: ping, list, subscribe, decide"), \
-            False
+        return _error("unknown_op",
+                      f"unknown op {op!r}; valid: ping, status, list, subscribe, decide"), False

@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
 from agent_egress.policy import (
     Action,
@@ -19,9 +21,12 @@ from agent_egress.policy import (
     normalize_host,
     split_host_port,
 )
+from agent_egress.policy.files import DEFAULT_MANAGED_PATH, unprotected_reasons
+from agent_egress.policy.loader import read_policy_file
+from agent_egress.policy.presets import presets
 
 from . import approval_cli
-from .approval_client import ApprovalClientError
+from .approval_client import ApprovalClient, ApprovalClientError
 from .paths import default_socket_path
 
 EXIT_OK, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
@@ -47,7 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the proxy",
                                 description="Run the proxy. Without --config the built-in "
                                             "default policy applies.")
-    serve.add_argument("--config", metavar="FILE", help="policy file (TOML)")
+    serve.add_argument("--config", metavar="FILE", help="user policy file (TOML; default "
+                       "$XDG_CONFIG_HOME/agent-egress/policy.toml if present, else built-in)")
+    serve.add_argument("--managed", metavar="FILE",
+                       help=f"managed (admin-owned) policy (default {DEFAULT_MANAGED_PATH} "
+                            "if present)")
     serve.add_argument("--listen", metavar="HOST:PORT", type=_listen,
                        default=("127.0.0.1", 8080),
                        help="address to listen on (default 127.0.0.1:8080; port 0 picks one)")
@@ -77,14 +86,38 @@ def _parser() -> argparse.ArgumentParser:
                     "1 denied or needs approval, 2 bad input.")
     explain_cmd.add_argument("target", metavar="HOST[:PORT]")
     explain_cmd.add_argument("--config", metavar="FILE", help="policy file (default: built-in)")
+    explain_cmd.add_argument("--managed", metavar="FILE", help="managed policy file")
     explain_cmd.add_argument("--resolve", metavar="HOST=ADDR", action="append", default=[],
                              help="check the host as if it resolved to ADDR (repeatable)")
     explain_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    show = policy_commands.add_parser(
+        "show", help="print the effective merged policy with each rule's origin",
+        description="Print the effective policy: settings after layering, every rule with its "
+                    "file and layer, and settings the managed policy did not let apply. When "
+                    "the proxy is running, also its status (including a failed reload).")
+    show.add_argument("--config", metavar="FILE", help="user policy file")
+    show.add_argument("--managed", metavar="FILE", help="managed policy file")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    approval_cli.add_socket_option(show)
+    policy_commands.add_parser("presets", help="list the rule presets shipped with agent-egress")
     return parser
 
 
-def _load(path: str | None, resolve: Sequence[str]) -> CompiledPolicy:
-    return load_policy(path, resolve=resolve)
+def _config(args: argparse.Namespace) -> str | None:
+    if getattr(args, "config", None):
+        return args.config
+    return str(default_user_policy_path()) if default_user_policy_path().exists() else None
+
+
+def _managed(args: argparse.Namespace) -> str | None:
+    if getattr(args, "managed", None):
+        return args.managed
+    return str(DEFAULT_MANAGED_PATH) if DEFAULT_MANAGED_PATH.exists() else None
+
+
+def _load(path: str | None, resolve: Sequence[str] = (),
+          managed: str | None = None) -> CompiledPolicy:
+    return load_policy(path, resolve=resolve, managed=managed)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -108,8 +141,19 @@ def explain_target(policy: CompiledPolicy, target: str) -> dict[str, object]:
         "explanation": decision.explanation,
         "rule": decision.rule.text if decision.rule else None,
         "rule_origin": decision.rule.origin if decision.rule else None,
+        "layer": decision.layer or None,
         "policy": policy.source,
+        "layers": [
+            {"layer": layer.name, "source": layer.source,
+             "deny": deny.text if deny else None, "allow": allow.text if allow else None}
+            for layer, deny, allow in policy.layer_verdicts(host_text, port)
+        ],
     }
+    if decision.action is Action.DENY and decision.layer == "managed":
+        overridden = [v for v in result["layers"] if v["layer"] == "user" and v["allow"]]
+        if overridden:
+            result["explanation"] = (f"{decision.explanation}; the user allow rule "
+                                     f"{overridden[0]['allow']!r} cannot override it")
     try:
         host = normalize_host(host_text)
     except InvalidHost:
@@ -127,7 +171,7 @@ def explain_target(policy: CompiledPolicy, target: str) -> dict[str, object]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    policy = _load(args.config, args.resolve)
+    policy = _load(args.config, args.resolve, _managed(args))
     try:
         result = explain_target(policy, args.target)
     except InvalidHost as exc:
@@ -139,21 +183,120 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"{result['host']}:{result['port']}  {str(result['decision']).upper()}")
         print(f"  why:    {result['explanation']}")
         print(f"  reason: {result['reason']}")
+        if len(result["layers"]) > 1 or result.get("layer"):
+            print(f"  decided by: {result.get('layer') or 'defaults'}")
+            for verdict in result["layers"]:
+                said = (f"deny {verdict['deny']!r}" if verdict["deny"] else
+                        f"allow {verdict['allow']!r}" if verdict["allow"] else "no rule")
+                print(f"    {verdict['layer']:<8} {said}  ({verdict['source']})")
         if result.get("address"):
             print(f"  address: {result['address']} ({result['address_class']})")
         print(f"  policy: {result['policy']}")
     return EXIT_OK if result["decision"] == "allow" else EXIT_DENIED
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    policy = _load(_config(args), (), _managed(args))
+    settings = policy.settings
+    data = {
+        "layers": [{"layer": layer.name, "source": layer.source} for layer in policy.layers],
+        "settings": {
+            "mode": settings.mode, "default": settings.default.value,
+            "ports": sorted(settings.ports), "allow_ip_literals": settings.allow_ip_literals,
+            "block_private": settings.block_private,
+            "allowed_cidrs": [str(c) for c in settings.allowed_cidrs],
+            "approval_timeout": settings.approval_timeout,
+            "approval_scopes": sorted(settings.approval_scopes),
+            "managed_allowed_domains_only": settings.managed_allowed_domains_only,
+            "telemetry_required": settings.telemetry_required,
+        },
+        "rules": [
+            {"action": rule.action.value, "pattern": rule.text, "layer": rule.layer,
+             "origin": rule.origin}
+            for layer in policy.layers for index in (layer.deny, layer.allow)
+            for rule in _index_rules(index)
+        ],
+        "not_applied": list(policy.problems),
+        "running": _running_status(args),
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print("layers (highest precedence first):")
+    for layer in data["layers"]:
+        print(f"  {layer['layer']:<8} {layer['source']}")
+    print("settings:")
+    for key, value in data["settings"].items():
+        print(f"  {key} = {json.dumps(value)}")
+    print("rules (deny beats allow; managed beats user):")
+    for rule in data["rules"]:
+        print(f"  {rule['action']:<5} {rule['pattern']:<40} {rule['origin']}")
+    if data["not_applied"]:
+        print("not applied:")
+        for problem in data["not_applied"]:
+            print(f"  {problem}")
+    running = data["running"]
+    if running:
+        print(f"running proxy: policy loaded {running['loaded_at']}, mode {running['mode']}")
+        if failure := running.get("last_reload_failure"):
+            print(f"  LAST RELOAD FAILED at {failure['at']} ({failure['why']}); the policy "
+                  f"loaded before stays in force:\n    " + failure["error"].replace(
+                      "\n", "\n    "))
+    return EXIT_OK
+
+
+def _index_rules(index: Any) -> list[Any]:
+    seen: dict[tuple[str, int, str], Any] = {}
+    for table in (index.exact, index.subtree, index.glob):
+        for rules in table.values():
+            for rule in rules:
+                seen[(rule.source, rule.index, rule.text)] = rule
+    for rule in index.any_host:
+        seen[(rule.source, rule.index, rule.text)] = rule
+    for by_prefix in index.networks.values():
+        for _, table in by_prefix:
+            for rules in table.values():
+                for rule in rules:
+                    seen[(rule.source, rule.index, rule.text)] = rule
+    return sorted(seen.values(), key=lambda rule: (rule.source, rule.index))
+
+
+def _running_status(args: argparse.Namespace) -> dict[str, Any] | None:
+    try:
+        with ApprovalClient(args.approval_socket or default_socket_path(), timeout=5) as client:
+            return client.request("status")["status"]
+    except (ApprovalClientError, OSError, ValueError):
+        return None
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    for preset in presets().values():
+        print(f"{preset.name:<20} {preset.description}")
+        print(f"{'':<20} {', '.join(preset.allow)}")
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
-    config = args.config
-    if config is None and default_user_policy_path().exists():
-        config = str(default_user_policy_path())
-    _load(config, args.resolve)  # a bad file never starts a proxy
+    config, managed = _config(args), _managed(args)
+    policy = _load(config, args.resolve, managed)  # a bad file never starts a proxy
+    for problem in policy.problems:
+        print(f"agent-egress: warning: {problem}", file=sys.stderr)
+    if managed is not None and (reasons := unprotected_reasons(Path(managed))):
+        requirements = read_policy_file(managed).model.requirements
+        refuse = bool(requirements and requirements.protected_file)
+        print(f"agent-egress: {'ERROR' if refuse else 'WARNING'}: the managed policy {managed} "
+              "can be changed by users other than root, so it does not bind them:",
+              file=sys.stderr)
+        for reason in reasons:
+            print(f"  - {reason}", file=sys.stderr)
+        if refuse:
+            print("  refusing to start (requirements.protected_file = true); make the file and "
+                  "its directory root-owned and not group/other-writable", file=sys.stderr)
+            return EXIT_USAGE
     host, port = args.listen
-    return serve(listen_host=host, listen_port=port, policy_file=config,
+    return serve(listen_host=host, listen_port=port, policy_file=config, managed_file=managed,
                  audit_log=args.audit_log, resolve=args.resolve,
                  socket_path=args.approval_socket or default_socket_path(),
                  approver_uids=args.approver_uid, extra={"dns_timeout": args.dns_timeout})
@@ -165,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "approve": approval_cli.cmd_decide, "deny": approval_cli.cmd_decide,
                "watch": approval_cli.cmd_watch}.get(args.command)
     if args.command == "policy":
-        handler = {"check": cmd_check, "explain": cmd_explain}[args.policy_command]
+        handler = {"check": cmd_check, "explain": cmd_explain, "show": cmd_show,
+                   "presets": cmd_presets}[args.policy_command]
     assert handler is not None
     try:
         return handler(args)

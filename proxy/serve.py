@@ -14,6 +14,7 @@ from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog, default_audit_log_path
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.addons.pinning import UpstreamPinning
+from agent_egress.addons.reload import PolicyReload
 from agent_egress.addons.tunnels import Tunnels
 from mitmproxy import ctx, options
 from mitmproxy.tools.dump import DumpMaster
@@ -37,6 +38,8 @@ class Announce:
         shown = f"[{host}]" if ":" in host else host
         url = f"http://{shown}:{port}"
         policy = ctx.options.policy_file or "built-in default policy"
+        if ctx.options.managed_policy_file:
+            policy += f" under managed policy {ctx.options.managed_policy_file}"
         audit_log = ctx.options.audit_log or str(default_audit_log_path())
         print(f"agent-egress {version('agent-egress')} listening on {shown}:{port}", flush=True)
         print(f"policy: {policy}\naudit log: {audit_log}", flush=True)
@@ -47,7 +50,7 @@ class Announce:
 
 
 def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
-          audit_log: str | None, resolve: list[str], socket_path: Path,
+          managed_file: str | None, audit_log: str | None, resolve: list[str], socket_path: Path,
           approver_uids: Iterable[int] = (), extra: dict[str, Any] | None = None) -> int:
     async def main() -> int:
         opts = options.Options(listen_host=listen_host, listen_port=listen_port)
@@ -55,8 +58,11 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         audit = AuditLog()
         pinning = UpstreamPinning()
         approvals = Approvals(audit)
-        master.addons.add(audit, pinning, approvals, Enforcer(audit, pinning, approvals),
-                          Tunnels(audit), Announce(socket_path))
+        enforcer = Enforcer(audit, pinning, approvals)
+        reloader = PolicyReload(enforcer, audit)
+        master.addons.add(audit, pinning, approvals, enforcer,
+                          Tunnels(audit, lambda: enforcer.auditing), reloader,
+                          Announce(socket_path))
         opts.update(
             # Nothing connects upstream before the policy has decided and pinned an address.
             connection_strategy="lazy",
@@ -64,11 +70,13 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
             stream_large_bodies="1m",
             termlog_verbosity="warn",
             policy_file=policy_file or "",
+            managed_policy_file=managed_file or "",
             resolve_overrides=resolve,
             audit_log=audit_log or "",
             **(extra or {}),
         )
-        server = ApprovalServer(approvals, audit, socket_path, approver_uids)
+        server = ApprovalServer(approvals, audit, socket_path, approver_uids,
+                                status=reloader.status)
         try:
             await server.start()
         except (SocketSetupError, OSError) as exc:
@@ -77,6 +85,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, master.shutdown)
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
         try:
             await master.run()
         finally:

@@ -1,0 +1,102 @@
+"""Live reload: a changed policy file (or SIGHUP) is loaded without dropping connections.
+
+A file that fails to load leaves the last good policy in force; the failure is logged as an
+event and shown by `agent-egress policy show`. Open tunnels keep running; new requests use the
+new policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+from agent_egress.policy import PolicyError
+from mitmproxy import ctx
+
+from .auditlog import AuditLog
+from .enforce import Enforcer
+
+logger = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class PolicyReload:
+    def __init__(self, enforcer: Enforcer, audit: AuditLog) -> None:
+        self.enforcer = enforcer
+        self.audit = audit
+        self._task: asyncio.Task[None] | None = None
+        self._signature: tuple[Any, ...] = ()
+        self._loaded_at = _now()
+        self._failure: dict[str, Any] | None = None
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("reload_interval", float, 1.0,
+                          "Seconds between checks for changed policy files; 0 turns it off.")
+
+    def running(self) -> None:
+        self._signature = self._files_signature()
+        self._loaded_at = _now()
+        if ctx.options.reload_interval > 0:
+            self._task = asyncio.create_task(self._watch())
+
+    def done(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    @staticmethod
+    def _files_signature() -> tuple[Any, ...]:
+        signature = []
+        for path in (ctx.options.policy_file, ctx.options.managed_policy_file):
+            if not path:
+                continue
+            try:
+                info = os.stat(path)
+                signature.append((path, info.st_ino, info.st_mtime_ns, info.st_size))
+            except OSError:
+                signature.append((path, None))
+        return tuple(signature)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(ctx.options.reload_interval)
+            signature = self._files_signature()
+            if signature != self._signature:
+                self._signature = signature
+                self.reload("file changed")
+
+    def reload(self, why: str = "requested") -> bool:
+        try:
+            policy = self.enforcer.reload()
+        except PolicyError as exc:
+            self._failure = {"at": _now(), "why": why, "error": str(exc)}
+            self.audit.emit("policy.rejected", trigger=why, error=str(exc),
+                            problems=[p.render(exc.path) for p in exc.problems])
+            logger.error(f"policy reload failed, the previous policy stays in force:\n{exc}")
+            return False
+        self._failure = None
+        self._loaded_at = _now()
+        with contextlib.suppress(Exception):
+            self._signature = self._files_signature()
+        logger.warning(f"policy reloaded ({why}): {policy.allow_count + policy.deny_count} rules"
+                     + (f", {len(policy.problems)} settings not applied" if policy.problems
+                        else ""))
+        return True
+
+    def status(self) -> dict[str, Any]:
+        """What `policy show` reports about the running proxy."""
+        policy = self.enforcer.policy
+        return {
+            "policy": ctx.options.policy_file or "built-in default policy",
+            "managed": ctx.options.managed_policy_file or None,
+            "mode": policy.settings.mode if policy else None,
+            "loaded_at": self._loaded_at,
+            "violations": list(policy.problems) if policy else [],
+            "last_reload_failure": self._failure,
+        }
