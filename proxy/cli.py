@@ -196,7 +196,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    policy = _load(_config(args), (), _managed(args))
+    try:
+        policy = _load(_config(args), (), _managed(args))
+    except PolicyError as exc:
+        print(f"agent-egress: {exc}", file=sys.stderr)
+        if running := _running_status(args):
+            _print_running(running)
+        return EXIT_USAGE
     settings = policy.settings
     data = {
         "layers": [{"layer": layer.name, "source": layer.source} for layer in policy.layers],
@@ -235,14 +241,16 @@ def cmd_show(args: argparse.Namespace) -> int:
         print("not applied:")
         for problem in data["not_applied"]:
             print(f"  {problem}")
-    running = data["running"]
-    if running:
-        print(f"running proxy: policy loaded {running['loaded_at']}, mode {running['mode']}")
-        if failure := running.get("last_reload_failure"):
-            print(f"  LAST RELOAD FAILED at {failure['at']} ({failure['why']}); the policy "
-                  f"loaded before stays in force:\n    " + failure["error"].replace(
-                      "\n", "\n    "))
+    if data["running"]:
+        _print_running(data["running"])
     return EXIT_OK
+
+
+def _print_running(running: dict[str, Any]) -> None:
+    print(f"running proxy: policy loaded {running['loaded_at']}, mode {running['mode']}")
+    if failure := running.get("last_reload_failure"):
+        print(f"  LAST RELOAD FAILED at {failure['at']} ({failure['why']}); the policy "
+              "loaded before stays in force:\n    " + failure["error"].replace("\n", "\n    "))
 
 
 def _index_rules(index: Any) -> list[Any]:
