@@ -72,6 +72,9 @@ class Pending:
     requests: int = 0
     timer: asyncio.TimerHandle | None = None
 
+    def waited_ms(self) -> float:
+        return round((time.time() - self.opened) * 1000, 1)
+
     def summary(self, now: float) -> dict[str, Any]:
         return {
             "id": self.id, "host": self.host, "port": self.port, "scheme": self.scheme,
@@ -186,7 +189,8 @@ class Approvals:
             verdict = Verdict(Action.DENY, "timeout", "timeout", pending.id)
             self.audit.emit("approval.decided", approval_id=pending.id, host=pending.host,
                             port=pending.port, decision="deny", scope="timeout",
-                            actor="timeout", released=len(pending.waiters))
+                            actor="timeout", released=len(pending.waiters),
+                            wait_ms=pending.waited_ms())
             self._close(pending, verdict, "timeout")
         else:
             self.audit.emit("approval.abandoned", approval_id=pending.id, host=pending.host,
@@ -260,7 +264,9 @@ class Approvals:
             self.audit.emit("approval.decided", approval_id=verdict.approval_id, host=host,
                             port=pending.port if pending else port, decision=decision,
                             scope=scope, actor=actor,
-                            released=len(pending.waiters) if pending else 0)
+                            released=len(pending.waiters) if pending else 0,
+                            agent=pending.agent if pending else None,
+                            wait_ms=pending.waited_ms() if pending else None)
             if pending is not None:
                 ids.append(pending.id)
                 released += self._close(pending, verdict, decision)

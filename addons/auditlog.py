@@ -5,8 +5,10 @@ Other sinks (OpenTelemetry) hang off the same ``emit`` so every sink sees the sa
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import IO, Any
@@ -15,6 +17,7 @@ import structlog
 from mitmproxy import ctx, exceptions
 
 EVENT_SCHEMA_VERSION = 1
+logger = logging.getLogger(__name__)
 
 
 def _time_and_name_first(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -32,6 +35,11 @@ class AuditLog:
     def __init__(self) -> None:
         self._file: IO[str] | None = None
         self._logger: Any = None
+        self._sinks: list[Callable[[str, dict[str, Any]], None]] = []
+
+    def add_sink(self, sink: Callable[[str, dict[str, Any]], None]) -> None:
+        """Another receiver of every event (OpenTelemetry); it must never block."""
+        self._sinks.append(sink)
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -71,8 +79,14 @@ class AuditLog:
         """Record one event; fields that are None are left out."""
         if self._logger is None:
             return  # not configured yet, or already shut down
-        self._logger.msg(event, schema=EVENT_SCHEMA_VERSION,
-                         **{key: value for key, value in fields.items() if value is not None})
+        present = {key: value for key, value in fields.items() if value is not None}
+        # The local record first: written and flushed before the answer goes out.
+        self._logger.msg(event, schema=EVENT_SCHEMA_VERSION, **present)
+        for sink in self._sinks:
+            try:
+                sink(event, present)
+            except Exception:  # a telemetry failure must never break proxying
+                logger.exception("telemetry sink failed for %s", event)
 
     def running(self) -> None:
         listen = ctx.master.addons.get("proxyserver").listen_addrs()

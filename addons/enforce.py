@@ -27,6 +27,7 @@ from mitmproxy import ctx, exceptions, http
 
 from .approvals import Approvals, Verdict
 from .auditlog import AuditLog
+from .identity import agent_of
 from .pinning import UpstreamPinning
 
 METADATA_KEY = "agent_egress"
@@ -88,6 +89,7 @@ def _request_fields(flow: http.HTTPFlow) -> dict[str, Any]:
         # Query strings can carry credentials: only the path is recorded.
         "path": None if request.method == "CONNECT" else request.path.split("?", 1)[0],
         "websocket": True if request.headers.get("upgrade", "").lower() == "websocket" else None,
+        "agent": agent_of(flow),
     }
 
 
@@ -199,7 +201,7 @@ class Enforcer:
             self.audit.emit("request.decided", **_request_fields(flow),
                             **{**decision_fields(held), "decision": "held"})
             timeout = self.policy.settings.approval_timeout
-            verdict = await self.approvals.hold(flow, held, timeout)
+            verdict = await self.approvals.hold(flow, held, timeout, agent=agent_of(flow))
             if verdict is None:
                 flow.kill()
                 return None

@@ -19,6 +19,7 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from .auditlog import AuditLog
 from .enforce import METADATA_KEY, decision_fields
+from .identity import agent_of
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Tunnel:
     bytes_up: int = 0
     bytes_down: int = 0
     protocol: str | None = None
+    agent: str | None = None
     layer_chosen: bool = False
 
 
@@ -67,7 +69,7 @@ class Tunnels:
         peer = flow.client_conn.peername
         self._tunnels[flow.client_conn.id] = Tunnel(
             client=f"{peer[0]}:{peer[1]}" if peer else "",
-            host=flow.request.host, port=flow.request.port,
+            host=flow.request.host, port=flow.request.port, agent=agent_of(flow),
         )
         flow.metadata.setdefault(METADATA_KEY, {})["tunnel"] = True
 
@@ -127,14 +129,19 @@ class Tunnels:
                             detail=detail)
         extra = {"mode": "audit", "enforced": False} if audit_mode else {}
         self.audit.emit("request.decided", client=tunnel.client, scheme="connect", sni=sni,
-                        **decision_fields(decision), **extra)
+                        agent=tunnel.agent, **decision_fields(decision), **extra)
+
+    @property
+    def open_count(self) -> int:
+        return len(self._tunnels)
 
     def client_disconnected(self, client: connection.Client) -> None:
         tunnel = self._tunnels.pop(client.id, None)
         if tunnel is None:
             return
         self.audit.emit(
-            "tunnel.closed", client=tunnel.client, host=tunnel.host, port=tunnel.port,
+            "tunnel.closed", client=tunnel.client, agent=tunnel.agent, host=tunnel.host,
+            port=tunnel.port,
             protocol=tunnel.protocol, bytes_up=tunnel.bytes_up, bytes_down=tunnel.bytes_down,
             duration_ms=round((time.monotonic() - tunnel.opened) * 1000, 1),
         )

@@ -256,6 +256,14 @@ class Settings:
     approval_scopes: frozenset[str] = frozenset({"once", "session", "always"})
     managed_allowed_domains_only: bool = False
     telemetry_required: bool = False
+    identity: tuple[tuple[IPNetwork, str], ...] = ()  # most specific network first
+
+    def agent_for(self, address: IPAddress) -> str | None:
+        """The configured agent name for a client address, if any."""
+        for network, name in self.identity:
+            if in_networks(address, (network,)):
+                return name
+        return None
 
 
 class Layer(NamedTuple):

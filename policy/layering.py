@@ -122,8 +122,11 @@ def compile_layers(user: ParsedFile, managed: ParsedFile | None,
 def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
                         resolve: Mapping[str, Any], violations: _Violations) -> Settings:
     net = user.model.network
+    identity = {**user.model.identity, **(managed.model.identity if managed else {})}
+    identity_table = tuple(sorted(identity.items(), key=lambda item: -item[0].prefixlen))
     if managed is None:
         return Settings(
+            identity=identity_table,
             default=Action(net.default), ports=frozenset(net.ports),
             allow_ip_literals=net.allow_ip_literals, block_private=net.block_private,
             allowed_cidrs=tuple(net.allowed_cidrs),
@@ -196,6 +199,7 @@ def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
         timeout = managed.model.approvals.timeout
 
     return Settings(
+        identity=identity_table,
         default=Action(default), ports=frozenset(ports), allow_ip_literals=allow_ip_literals,
         block_private=block_private, allowed_cidrs=tuple(cidrs),
         resolve={**_file_resolve(managed), **resolve}, approval_timeout=timeout, mode=mode,

@@ -67,6 +67,16 @@ class Requirements(_Strict):
     protected_file: bool = False  # refuse to start when the managed file is writable by others
 
 
+class TelemetrySettings(_Strict):
+    """OTLP export; unset keys fall back to the standard OTEL_* environment variables."""
+
+    enabled: bool | None = None  # default: on when an OTLP endpoint is configured
+    endpoint: str | None = None
+    protocol: Literal["http/protobuf", "grpc"] | None = None
+    headers: dict[str, str] = {}
+    resource_attributes: dict[str, str] = {}
+
+
 class PolicyFile(_Strict):
     version: Literal[1]
     mode: Mode = "enforce"
@@ -74,4 +84,6 @@ class PolicyFile(_Strict):
     network: NetworkSettings = NetworkSettings()
     approvals: ApprovalSettings = ApprovalSettings()
     resolve: dict[str, IPvAnyAddress] = {}
+    identity: dict[IPvAnyNetwork, str] = {}  # client address or network -> agent name
+    telemetry: TelemetrySettings = TelemetrySettings()
     requirements: Requirements | None = None

@@ -286,6 +286,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
+    from .telemetry import Telemetry, TelemetryConfigError, telemetry_config
 
     config, managed = _config(args), _managed(args)
     policy = _load(config, args.resolve, managed)  # a bad file never starts a proxy
@@ -303,8 +304,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print("  refusing to start (requirements.protected_file = true); make the file and "
                   "its directory root-owned and not group/other-writable", file=sys.stderr)
             return EXIT_USAGE
+    try:
+        config_file = read_policy_file(config) if config else None
+        managed_parsed = read_policy_file(managed) if managed else None
+        telemetry_settings = telemetry_config(config_file, managed_parsed,
+                                              policy.settings.telemetry_required)
+    except TelemetryConfigError as exc:
+        print(f"agent-egress: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    telemetry = Telemetry(telemetry_settings) if telemetry_settings.enabled else None
+    if telemetry is not None:
+        print(f"telemetry: OTLP {telemetry_settings.protocol} to "
+              f"{telemetry_settings.endpoint or 'the default endpoint'}", file=sys.stderr)
     host, port = args.listen
     return serve(listen_host=host, listen_port=port, policy_file=config, managed_file=managed,
+                 telemetry=telemetry,
                  audit_log=args.audit_log, resolve=args.resolve,
                  socket_path=args.approval_socket or default_socket_path(),
                  approver_uids=args.approver_uid, extra={"dns_timeout": args.dns_timeout})

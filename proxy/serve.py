@@ -13,13 +13,16 @@ from typing import Any
 from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog, default_audit_log_path
 from agent_egress.addons.enforce import Enforcer
+from agent_egress.addons.identity import AgentIdentity
 from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.reload import PolicyReload
+from agent_egress.addons.telemetry import TelemetrySink
 from agent_egress.addons.tunnels import Tunnels
 from mitmproxy import ctx, options
 from mitmproxy.tools.dump import DumpMaster
 
 from .approval_server import ApprovalServer, SocketSetupError
+from .telemetry import Telemetry
 
 
 def proxy_env_lines(url: str) -> list[str]:
@@ -51,7 +54,8 @@ class Announce:
 
 def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
           managed_file: str | None, audit_log: str | None, resolve: list[str], socket_path: Path,
-          approver_uids: Iterable[int] = (), extra: dict[str, Any] | None = None) -> int:
+          approver_uids: Iterable[int] = (), telemetry: Telemetry | None = None,
+          extra: dict[str, Any] | None = None) -> int:
     async def main() -> int:
         opts = options.Options(listen_host=listen_host, listen_port=listen_port)
         master = DumpMaster(opts, with_termlog=True, with_dumper=False)
@@ -60,9 +64,12 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         approvals = Approvals(audit)
         enforcer = Enforcer(audit, pinning, approvals)
         reloader = PolicyReload(enforcer, audit)
-        master.addons.add(audit, pinning, approvals, enforcer,
-                          Tunnels(audit, lambda: enforcer.auditing), reloader,
-                          Announce(socket_path))
+        tunnels = Tunnels(audit, lambda: enforcer.auditing)
+        if telemetry is not None:
+            audit.add_sink(TelemetrySink(telemetry, lambda: tunnels.open_count,
+                                         lambda: len(approvals.pending)).on_event)
+        master.addons.add(audit, pinning, approvals, AgentIdentity(lambda: enforcer.policy),
+                          enforcer, tunnels, reloader, Announce(socket_path))
         opts.update(
             # Nothing connects upstream before the policy has decided and pinned an address.
             connection_strategy="lazy",
@@ -90,6 +97,8 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
             await master.run()
         finally:
             await server.stop()
+            if telemetry is not None:
+                telemetry.shutdown()
         return 0
 
     status = asyncio.run(main())

@@ -1,0 +1,166 @@
+"""OpenTelemetry setup: providers and OTLP exporters from the standard OTEL_* environment
+variables and the policy files' `[telemetry]` tables (explicit keys win; managed over user).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from typing import Any
+
+import requests
+from agent_egress.policy.layering import ParsedFile
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+
+SHUTDOWN_SECONDS = 5.0
+
+
+class TelemetryConfigError(Exception):
+    """Telemetry is required but cannot be set up; the message says what to configure."""
+
+
+@dataclass
+class TelemetryConfig:
+    enabled: bool
+    endpoint: str | None
+    protocol: str
+    headers: dict[str, str] = field(default_factory=dict)
+    resource_attributes: dict[str, str] = field(default_factory=dict)
+    required: bool = False
+
+
+def _env_headers() -> dict[str, str]:
+    raw = os.environ.get("OTEL_EXPORTER_OTLP_HEADERS", "")
+    pairs = (item.split("=", 1) for item in raw.split(",") if "=" in item)
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def telemetry_config(user: ParsedFile | None, managed: ParsedFile | None,
+                     required: bool) -> TelemetryConfig:
+    """Merge: managed [telemetry] keys > user [telemetry] keys > environment."""
+    tables = [f.model.telemetry for f in (managed, user) if f is not None]
+
+    def pick(key: str, default: Any) -> Any:
+        for table in tables:
+            if key in table.model_fields_set:
+                return getattr(table, key)
+        return default
+
+    endpoint = pick("endpoint", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    protocol = pick("protocol", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"))
+    env_disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+    enabled = pick("enabled", bool(endpoint) and not env_disabled)
+    if managed is not None and "enabled" in managed.model.telemetry.model_fields_set:
+        enabled = managed.model.telemetry.enabled  # the administrator's word is final
+    if required:
+        enabled = True  # a user (or OTEL_SDK_DISABLED) cannot turn it off
+        if not endpoint:
+            raise TelemetryConfigError(
+                "the managed policy requires telemetry (telemetry_required) but no OTLP "
+                "endpoint is configured: set OTEL_EXPORTER_OTLP_ENDPOINT or "
+                "[telemetry] endpoint")
+    headers = {**_env_headers()}
+    for table in reversed(tables):
+        headers.update(table.headers)
+    attributes: dict[str, str] = {}
+    for table in reversed(tables):
+        attributes.update(table.resource_attributes)
+    if protocol not in ("http/protobuf", "grpc"):
+        raise TelemetryConfigError(f"OTLP protocol {protocol!r} is not supported; use "
+                                   "http/protobuf or grpc")
+    return TelemetryConfig(bool(enabled), endpoint, protocol, headers, attributes, required)
+
+
+class CountingBatchProcessor(BatchLogRecordProcessor):
+    """The SDK's batch processor, bounded, counting what it drops and warning once."""
+
+    def __init__(self, exporter: Any, on_drop: Any, **kwargs: Any) -> None:
+        super().__init__(exporter, **kwargs)
+        self._on_drop = on_drop
+        self._warned = False
+
+    def on_emit(self, log_record: Any) -> None:
+        batch = getattr(self, "_batch_processor", None)
+        queue = getattr(batch, "_queue", None)
+        limit = getattr(batch, "_max_queue_size", None)
+        if queue is not None and limit is not None and len(queue) >= limit:
+            self._on_drop(1)
+            if not self._warned:
+                self._warned = True
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "telemetry queue full (collector slow or unreachable): dropping log records; "
+                    "the audit log still has every event")
+            return
+        super().on_emit(log_record)
+
+
+class Telemetry:
+    """The OTel providers for one proxy run."""
+
+    def __init__(self, config: TelemetryConfig, agent: str | None = None) -> None:
+        self.config = config
+        attributes = {"service.name": "agent-egress", "service.version": version("agent-egress"),
+                      "host.name": socket.gethostname()}
+        if agent:
+            attributes["agent_egress.agent"] = agent
+        detected = OTELResourceDetector().detect()  # OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME
+        self.resource = Resource.create(attributes).merge(detected).merge(
+            Resource.create(config.resource_attributes))
+        self.dropped = 0
+        self.logger_provider = LoggerProvider(resource=self.resource)
+        self.meter_provider: MeterProvider | None = None
+        if not config.enabled:
+            return
+        log_exporter, metric_exporter = self._exporters()
+        self.logger_provider.add_log_record_processor(CountingBatchProcessor(
+            log_exporter, self._count_drop, max_queue_size=2048, schedule_delay_millis=1000))
+        interval = int(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "10000"))
+        reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=interval)
+        self.meter_provider = MeterProvider(resource=self.resource, metric_readers=[reader])
+
+    def _count_drop(self, count: int) -> None:
+        self.dropped += count
+
+    def _exporters(self) -> tuple[Any, Any]:
+        endpoint = self.config.endpoint
+        headers = self.config.headers or None
+        if self.config.protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                OTLPMetricExporter,
+            )
+
+            insecure = bool(endpoint and endpoint.startswith("http://"))
+            return (OTLPLogExporter(endpoint=endpoint, headers=headers, insecure=insecure),
+                    OTLPMetricExporter(endpoint=endpoint, headers=headers, insecure=insecure))
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        base = (endpoint or "http://localhost:4318").rstrip("/")
+        # The collector is reached directly, never through an HTTP(S)_PROXY in our environment.
+        session = requests.Session()
+        session.trust_env = False
+        return (OTLPLogExporter(endpoint=f"{base}/v1/logs", headers=headers, session=session),
+                OTLPMetricExporter(endpoint=f"{base}/v1/metrics", headers=headers,
+                                   session=session))
+
+    def shutdown(self) -> None:
+        """Flush what can be flushed within SHUTDOWN_SECONDS, then let go."""
+        def close() -> None:
+            self.logger_provider.force_flush(int(SHUTDOWN_SECONDS * 1000))
+            if self.meter_provider is not None:
+                self.meter_provider.shutdown(timeout_millis=SHUTDOWN_SECONDS * 1000)
+            self.logger_provider.shutdown()
+
+        worker = threading.Thread(target=close, name="telemetry-shutdown", daemon=True)
+        worker.start()
+        worker.join(SHUTDOWN_SECONDS * 2)
