@@ -19,7 +19,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 
-SHUTDOWN_SECONDS = 5.0
+SHUTDOWN_SECONDS = 3.0
 
 
 class TelemetryConfigError(Exception):
@@ -108,15 +108,19 @@ class Telemetry:
 
     def __init__(self, config: TelemetryConfig, agent: str | None = None) -> None:
         self.config = config
+        if config.required:
+            # The SDK obeys OTEL_SDK_DISABLED on its own; a managed requirement outranks it.
+            os.environ.pop("OTEL_SDK_DISABLED", None)
         attributes = {"service.name": "agent-egress", "service.version": version("agent-egress"),
                       "host.name": socket.gethostname()}
         if agent:
             attributes["agent_egress.agent"] = agent
         detected = OTELResourceDetector().detect()  # OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME
         self.resource = Resource.create(attributes).merge(detected).merge(
-            Resource.create(config.resource_attributes))
+            Resource(config.resource_attributes))
         self.dropped = 0
-        self.logger_provider = LoggerProvider(resource=self.resource)
+        # Our own bounded shutdown replaces the SDK's exit hooks (which wait up to 30 s).
+        self.logger_provider = LoggerProvider(resource=self.resource, shutdown_on_exit=False)
         self.meter_provider: MeterProvider | None = None
         if not config.enabled:
             return
@@ -125,7 +129,8 @@ class Telemetry:
             log_exporter, self._count_drop, max_queue_size=2048, schedule_delay_millis=1000))
         interval = int(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "10000"))
         reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=interval)
-        self.meter_provider = MeterProvider(resource=self.resource, metric_readers=[reader])
+        self.meter_provider = MeterProvider(resource=self.resource, metric_readers=[reader],
+                                            shutdown_on_exit=False)
 
     def _count_drop(self, count: int) -> None:
         self.dropped += count
@@ -155,12 +160,14 @@ class Telemetry:
 
     def shutdown(self) -> None:
         """Flush what can be flushed within SHUTDOWN_SECONDS, then let go."""
+        budget_ms = int(SHUTDOWN_SECONDS * 1000)
+
         def close() -> None:
-            self.logger_provider.force_flush(int(SHUTDOWN_SECONDS * 1000))
+            self.logger_provider.force_flush(budget_ms)
             if self.meter_provider is not None:
-                self.meter_provider.shutdown(timeout_millis=SHUTDOWN_SECONDS * 1000)
+                self.meter_provider.shutdown(timeout_millis=budget_ms)
             self.logger_provider.shutdown()
 
         worker = threading.Thread(target=close, name="telemetry-shutdown", daemon=True)
         worker.start()
-        worker.join(SHUTDOWN_SECONDS * 2)
+        worker.join(SHUTDOWN_SECONDS)  # what is not out by then is dropped (daemon threads)

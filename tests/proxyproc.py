@@ -16,8 +16,10 @@ _LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 
 
 class ProxyProcess:
-    def __init__(self, workdir: Path, policy: str | None, *extra_args: str) -> None:
+    def __init__(self, workdir: Path, policy: str | None, *extra_args: str,
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.extra_env = env or {}
         workdir.mkdir(parents=True, exist_ok=True)
         self.audit_path = workdir / "audit.jsonl"
         self.policy_path = workdir / "policy.toml"
@@ -45,6 +47,7 @@ class ProxyProcess:
         env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
         env.update(PYTHONUNBUFFERED="1", XDG_CONFIG_HOME=str(self.workdir / "config"),
                    XDG_STATE_HOME=str(self.workdir / "state"))
+        env.update(self.extra_env)
         return env
 
     def cli(self, *args: str, timeout: float = 30, **kwargs) -> subprocess.CompletedProcess:
