@@ -170,6 +170,9 @@ class Enforcer:
         if flow.response is not None:
             return
         request = flow.request
+        # Inside a tunnel the target is the address pinned at CONNECT; decide on its name.
+        if name := self.pinning.name_for(flow.client_conn, request.host, request.port):
+            request.data.host = name
         if (mismatch := self._host_header_mismatch(request)) is not None:
             self._refuse(flow, mismatch)
             if not self.auditing:
@@ -220,21 +223,26 @@ class Enforcer:
                 await self._enforce(flow, host, port)
                 return
         refusal = decision if decision.action is not Action.ALLOW else None
-        pinned = self.pinning.is_pinned(flow.client_conn, host, port)
-        if not pinned and (refusal is None or self.auditing):
+        address = self.pinning.pinned(flow.client_conn, host, port)
+        if address is None and (refusal is None or self.auditing):
             resolution = await self.pinning.resolve(self.policy, decision.host, port)
             if resolution.refusal and refusal is None:
                 reason = Reason.DNS_ERROR if resolution.dns_failed else Reason.PRIVATE_ADDRESS
                 refusal = Decision(Action.DENY, reason, decision.host, port, decision.rule,
                                    resolution.refusal, decision.layer)
             if resolution.addresses:
-                self.pinning.pin(flow.client_conn, host, port, resolution.addresses[0])
-                flow.metadata.setdefault(METADATA_KEY, {})["address"] = str(
-                    resolution.addresses[0])
-                pinned = True
+                address = resolution.addresses[0]
+                self.pinning.pin(flow.client_conn, host, port, address)
+        metadata = flow.metadata.setdefault(METADATA_KEY, {})
+        metadata["host"] = decision.host
+        if address is not None:
+            metadata["address"] = str(address)
+            # Connect to exactly the checked address: no second lookup for rebinding to use.
+            # (Setting .data.host leaves the Host header as the client sent it.)
+            flow.request.data.host = str(address)
         if refusal is not None:
             self._refuse(flow, refusal, verdict)
-            if self.auditing and pinned:
+            if self.auditing and address is not None:
                 flow.response = None  # logged as refused; audit mode lets it through
             return
         flow.metadata.setdefault(METADATA_KEY, {})["decision"] = decision

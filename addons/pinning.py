@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from agent_egress.policy import CompiledPolicy, InvalidHost, normalize_host
+from agent_egress.policy import CompiledPolicy, normalize_host
 from agent_egress.policy.hosts import IPAddress
 from mitmproxy import connection, ctx
 from mitmproxy.proxy import server_hooks
@@ -28,9 +28,10 @@ class Resolution:
 
 class UpstreamPinning:
     def __init__(self) -> None:
-        # client connection id -> (normalised host, port) -> the address that was checked
+        # client connection id -> (normalised host, port) -> the address that was checked,
+        # and the reverse: (address, port) -> the host name it stands for.
         self._pins: dict[str, dict[tuple[str, int], IPAddress]] = {}
-        self._names: dict[str, str] = {}  # server connection id -> the name it was opened for
+        self._names: dict[str, dict[tuple[str, int], str]] = {}
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -65,34 +66,26 @@ class UpstreamPinning:
         return Resolution(addresses)
 
     def pin(self, client: connection.Client, host: str, port: int, address: IPAddress) -> None:
-        self._pins.setdefault(client.id, {})[(normalize_host(host).name, port)] = address
+        name = normalize_host(host).name
+        self._pins.setdefault(client.id, {})[(name, port)] = address
+        self._names.setdefault(client.id, {})[(str(address), port)] = name
 
-    def is_pinned(self, client: connection.Client, host: str, port: int) -> bool:
-        return (normalize_host(host).name, port) in self._pins.get(client.id, {})
+    def pinned(self, client: connection.Client, host: str, port: int) -> IPAddress | None:
+        return self._pins.get(client.id, {}).get((normalize_host(host).name, port))
+
+    def name_for(self, client: connection.Client, address: str, port: int) -> str | None:
+        """The host name a pinned address stands for on this client connection."""
+        return self._names.get(client.id, {}).get((address, port))
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        # The enforcer points each allowed request at its checked address; anything else
+        # trying to open an upstream connection was not decided, so it is refused.
         if data.server.address is None:
             return
         host, port = data.server.address[:2]
-        try:
-            address = self._pins.get(data.client.id, {}).get((normalize_host(host).name, port))
-        except InvalidHost:
-            address = None
-        if address is None:
+        if (host, port) not in self._names.get(data.client.id, {}):
             data.server.error = "agent-egress: no policy decision pinned this upstream"
-            return
-        self._names[data.server.id] = host
-        data.server.address = (str(address), port)
-
-    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        # Give the connection its name back: mitmproxy reuses connections by address, and events
-        # should say which host was reached (the address is in server.peername).
-        name = self._names.pop(data.server.id, None)
-        if name is not None and data.server.address is not None:
-            data.server.address = (name, data.server.address[1])
-
-    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        self._names.pop(data.server.id, None)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._pins.pop(client.id, None)
+        self._names.pop(client.id, None)

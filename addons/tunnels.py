@@ -69,7 +69,8 @@ class Tunnels:
         peer = flow.client_conn.peername
         self._tunnels[flow.client_conn.id] = Tunnel(
             client=f"{peer[0]}:{peer[1]}" if peer else "",
-            host=flow.request.host, port=flow.request.port, agent=agent_of(flow),
+            host=flow.metadata.get(METADATA_KEY, {}).get("host", flow.request.host),
+            port=flow.request.port, agent=agent_of(flow),
         )
         flow.metadata.setdefault(METADATA_KEY, {})["tunnel"] = True
 

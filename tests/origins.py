@@ -15,6 +15,9 @@ from pathlib import Path
 class _Handler(http.server.SimpleHTTPRequestHandler):
     server: CountingServer
     protocol_version = "HTTP/1.1"
+    # Headers and body in one segment, sent at once: no Nagle/delayed-ACK stalls on keep-alive.
+    wbufsize = -1
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: object) -> None:
         self.server.requests.append(self.requestline)
