@@ -74,6 +74,26 @@ def _parser() -> argparse.ArgumentParser:
 
     approval_cli.add_parsers(commands)
 
+    report = commands.add_parser(
+        "report", help="report blocked (or other) destinations from audit logs",
+        description="Group what agents tried to reach by registrable domain and host, with "
+                    "counts, first/last seen, agents, ports, example paths, why, and approval "
+                    "history. Reads several logs (rotated and gzipped ones too) as one stream.")
+    report.add_argument("logs", metavar="AUDIT_LOG", nargs="*",
+                        help="audit log files or directories (default: the default audit log)")
+    report.add_argument("--since", metavar="24h|DATE", help="only events at or after this")
+    report.add_argument("--until", metavar="24h|DATE", help="only events before this")
+    report.add_argument("--agent", metavar="ID", help="only this agent's requests")
+    report.add_argument("--decision", choices=("deny", "held", "allow", "all"), default="deny",
+                        help="which decisions to report (default: deny, i.e. blocked)")
+    report.add_argument("--format", choices=("table", "json", "csv", "markdown", "html"),
+                        default="table")
+    report.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    report.add_argument("--suggest", action="store_true",
+                        help="print candidate allow/deny rules (TOML) with their evidence")
+    report.add_argument("--managed", metavar="FILE",
+                        help="managed policy whose deny rules --suggest must respect")
+
     policy = commands.add_parser("policy", help="check and explain policies")
     policy_commands = policy.add_subparsers(dest="policy_command", required=True,
                                             metavar="SUBCOMMAND")
@@ -284,6 +304,40 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from agent_egress.addons.auditlog import default_audit_log_path
+
+    from . import report as reporting
+
+    try:
+        since = reporting.parse_when(args.since) if args.since else None
+        until = reporting.parse_when(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"agent-egress report: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    paths = list(reporting.expand_logs(args.logs or [str(default_audit_log_path())]))
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing or not paths:
+        print(f"agent-egress report: no such audit log: {', '.join(missing) or args.logs}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    total = sum(p.stat().st_size for p in paths)
+    result = reporting.build_report(paths, decision=args.decision, since=since, until=until,
+                                    agent=args.agent, progress=reporting.Progress(total))
+    if args.suggest:
+        managed = _managed(args)
+        text = reporting.suggest(result, _load(None, (), managed) if managed else None)
+    else:
+        text = reporting.RENDERERS[args.format](result)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}: {result.matched:,} requests, {len(result.hosts):,} hosts",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
     from .telemetry import Telemetry, TelemetryConfigError, telemetry_config
@@ -328,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"serve": cmd_serve, "pending": approval_cli.cmd_pending,
                "approve": approval_cli.cmd_decide, "deny": approval_cli.cmd_decide,
-               "watch": approval_cli.cmd_watch}.get(args.command)
+               "watch": approval_cli.cmd_watch, "report": cmd_report}.get(args.command)
     if args.command == "policy":
         handler = {"check": cmd_check, "explain": cmd_explain, "show": cmd_show,
                    "presets": cmd_presets}[args.policy_command]
