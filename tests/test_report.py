@@ -219,3 +219,29 @@ def test_report_on_a_real_proxy_log(tmp_path, plain_origin, client_env) -> None:
     data = json.loads(report(str(process.audit_path), "--format", "json").stdout)
     assert [(h["host"], h["count"], h["agents"], h["example_paths"]) for h in data["hosts"]] == [
         ("one.test", 2, ["bot"], ["/p"]), ("two.test", 1, ["bot"], ["/p"])]
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path) -> None:
+    import pty
+
+    log = write_log(tmp_path / "big.jsonl", [
+        decided("2026-11-20T10:00:00Z", f"h{i % 10}.test", "deny", "not_allowlisted")
+        for i in range(60_000)])
+    piped = report(str(log), "--format", "json")
+    assert piped.returncode == 0 and piped.stderr == ""
+    leader, follower = pty.openpty()
+    with subprocess.Popen([sys.executable, "-m", "agent_egress.proxy", "report", str(log),
+                           "--format", "json"], stdout=subprocess.DEVNULL, stderr=follower) as p:
+        os.close(follower)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert p.wait(timeout=60) == 0
+    os.close(leader)
+    assert b"reading audit logs [" in seen
