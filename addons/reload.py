@@ -92,7 +92,10 @@ class PolicyReload:
     def status(self) -> dict[str, Any]:
         """What `policy show` reports about the running proxy."""
         policy = self.enforcer.policy
+        listen = [f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+                  for a in ctx.master.addons.get("proxyserver").listen_addrs()]
         return {
+            "listen": listen,
             "policy": ctx.options.policy_file or "built-in default policy",
             "managed": ctx.options.managed_policy_file or None,
             "mode": policy.settings.mode if policy else None,

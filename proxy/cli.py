@@ -25,7 +25,7 @@ from agent_egress.policy.files import DEFAULT_MANAGED_PATH, unprotected_reasons
 from agent_egress.policy.loader import read_policy_file
 from agent_egress.policy.presets import presets
 
-from . import approval_cli
+from . import approval_cli, launch
 from .approval_client import ApprovalClient, ApprovalClientError
 from .paths import default_socket_path
 
@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     approval_cli.add_socket_option(serve)
 
     approval_cli.add_parsers(commands)
+    launch.add_parsers(commands, approval_cli.add_socket_option)
 
     report = commands.add_parser(
         "report", help="report blocked (or other) destinations from audit logs",
@@ -382,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"serve": cmd_serve, "pending": approval_cli.cmd_pending,
                "approve": approval_cli.cmd_decide, "deny": approval_cli.cmd_decide,
-               "watch": approval_cli.cmd_watch, "report": cmd_report}.get(args.command)
+               "watch": approval_cli.cmd_watch, "report": cmd_report, "env": launch.cmd_env,
+               "run": launch.cmd_run, "health": launch.cmd_health}.get(args.command)
     if args.command == "policy":
         handler = {"check": cmd_check, "explain": cmd_explain, "show": cmd_show,
                    "presets": cmd_presets}[args.policy_command]

@@ -13,6 +13,7 @@ from typing import Any
 from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog, default_audit_log_path
 from agent_egress.addons.enforce import Enforcer
+from agent_egress.addons.health import Health
 from agent_egress.addons.identity import AgentIdentity
 from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.reload import PolicyReload
@@ -68,7 +69,8 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         if telemetry is not None:
             audit.add_sink(TelemetrySink(telemetry, lambda: tunnels.open_count,
                                          lambda: len(approvals.pending)).on_event)
-        master.addons.add(audit, pinning, approvals, AgentIdentity(lambda: enforcer.policy),
+        master.addons.add(audit, pinning, approvals, Health(),
+                          AgentIdentity(lambda: enforcer.policy),
                           enforcer, tunnels, reloader, Announce(socket_path))
         opts.update(
             # Nothing connects upstream before the policy has decided and pinned an address.
