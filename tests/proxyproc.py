@@ -12,19 +12,21 @@ import threading
 import time
 from pathlib import Path
 
-_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+_LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
 
 
 class ProxyProcess:
     def __init__(self, workdir: Path, policy: str | None, *extra_args: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, listen: str = "127.0.0.1:0",
+                 prefix: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.extra_env = env or {}
         workdir.mkdir(parents=True, exist_ok=True)
         self.audit_path = workdir / "audit.jsonl"
         self.policy_path = workdir / "policy.toml"
         self.socket_path = workdir / "approvals.sock"
-        args = [sys.executable, "-m", "agent_egress.proxy", "serve", "--listen", "127.0.0.1:0",
+        self.host = listen.rpartition(":")[0]
+        args = [*prefix, sys.executable, "-m", "agent_egress.proxy", "serve", "--listen", listen,
                 "--audit-log", str(self.audit_path), "--approval-socket", str(self.socket_path)]
         if policy is not None:
             self.policy_path.write_text(policy)
@@ -62,14 +64,14 @@ class ProxyProcess:
         for line in self.process.stdout:
             self.output.append(line)
             if match := _LISTENING.search(line):
-                self.port = int(match.group(1))
+                self.port = int(match.group(2))
             if line.strip().startswith("http_proxy="):  # the last line of the banner
                 self._ready.set()
         self._ready.set()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def events(self, name: str | None = None) -> list[dict]:
         if not self.audit_path.exists():
