@@ -38,14 +38,23 @@ def peer_uid(sock: socket.socket) -> int:
 
 
 def _prepare_directory(directory: Path) -> None:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """A directory we create is 0700. An existing one keeps its mode (it may be shared, like
+    /tmp: the socket's own 0600 protects it), unless others could replace the socket in it."""
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True)
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+        return
     info = directory.stat()
-    if info.st_uid != os.getuid():
+    shared_writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if shared_writable and not info.st_mode & stat.S_ISVTX:
+        raise SocketSetupError(
+            f"{directory} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}), "
+            "so the socket could be replaced; choose a private directory for "
+            "--approval-socket")
+    if info.st_uid not in (os.getuid(), 0):
         raise SocketSetupError(
             f"{directory} belongs to uid {info.st_uid}, not to this proxy (uid {os.getuid()}); "
             "choose another --approval-socket")
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        os.chmod(directory, 0o700)
 
 
 def _reply(ok: bool = True, **fields: Any) -> dict[str, Any]:

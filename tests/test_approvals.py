@@ -364,3 +364,25 @@ def test_watch_in_a_terminal_takes_one_key_answers(ask_proxy, tls_origin, client
         os.close(fd)
     event = ask_proxy.wait_for_event(lambda e: e["event"] == "approval.decided")
     assert event["scope"] == "session"
+
+
+def test_socket_in_an_existing_shared_directory_leaves_it_alone(tmp_path, tls_origin,
+                                                                plain_origin):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # like /tmp
+    process = ProxyProcess(tmp_path / "p", ask_policy(tls_origin.port, plain_origin.port),
+                           "--approval-socket", str(shared / "a.sock"))
+    try:
+        assert (shared.stat().st_mode & 0o7777) == 0o1777
+        assert ((shared / "a.sock").stat().st_mode & 0o777) == 0o600
+    finally:
+        process.stop()
+    unsafe = tmp_path / "unsafe"
+    unsafe.mkdir()
+    os.chmod(unsafe, 0o777)
+    result = subprocess.run([sys.executable, "-m", "agent_egress.proxy", "serve", "--listen",
+                             "127.0.0.1:0", "--approval-socket", str(unsafe / "a.sock")],
+                            capture_output=True, text=True, timeout=30, env=process.env())
+    assert result.returncode == 2
+    assert "is writable by other users (mode 0777)" in result.stderr

@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-
 from proxyproc import ProxyProcess
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,

@@ -1,0 +1,385 @@
+"""Side-by-side proxy benchmark: direct, plain mitmdump, agent-egress (default policy and a
+100k-rule policy), Squid and tinyproxy, against local origins on loopback.
+
+Run: .venv/bin/python tests/benchmarks/bench_proxy.py [--seconds 5] [--json out.json]
+
+Squid and tinyproxy are used when installed (Debian: apt-get install squid tinyproxy); this
+script installs nothing. Every proxy allows exactly the origin's host name ("localhost") and
+the origin ports; agent-egress and mitmdump pass TLS through untouched (no interception).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trustme
+
+HERE = Path(__file__).resolve()
+BULK_BYTES = 64 * 2**20
+HOST = "localhost"
+
+
+# -- origins (run in their own process) -------------------------------------------------------
+
+ORIGIN_CODE = r'''
+import asyncio, ssl, sys
+BULK = int(sys.argv[3])
+SMALL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
+CHUNK = b"x" * 65536
+async def handle(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if head.split(b" ", 2)[1].startswith(b"/bulk"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BULK)
+                for _ in range(BULK // len(CHUNK)):
+                    writer.write(CHUNK)
+                    await writer.drain()
+            else:
+                writer.write(SMALL)
+                await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError):
+        pass
+    finally:
+        writer.close()
+async def main():
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[4])
+    hosts = ["127.0.0.1", "::1"]
+    plain = await asyncio.start_server(handle, hosts, int(sys.argv[1]), backlog=2048)
+    tls = await asyncio.start_server(handle, hosts, int(sys.argv[2]), ssl=context, backlog=2048)
+    print("ready", flush=True)
+    await asyncio.gather(plain.serve_forever(), tls.serve_forever())
+asyncio.run(main())
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+
+
+# -- proxies -----------------------------------------------------------------------------------
+
+class Proxy:
+    def __init__(self, name: str, command: list[str] | None, port: int | None,
+                 workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.name, self.port, self.process = name, port, None
+        if command:
+            self.log = (workdir / f"{name.replace(' ', '_')}.log").open("w")
+            self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **(env or {})},
+                                            preexec_fn=raise_fd_limit)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                raise RuntimeError(f"{name} did not start; see {self.log.name}")
+
+    def rss_mib(self) -> float:
+        if self.process is None:
+            return 0.0
+        total = 0
+        pids = [self.process.pid] + [int(p) for p in subprocess.run(
+            ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True
+        ).stdout.split()]
+        for pid in pids:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        return total / 1024
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def egress_policy(ports: list[int], extra_rules: int = 0, default: str = "deny") -> str:
+    rules = ",\n".join(f'  "site{i}.example{i % 97}.com"' for i in range(extra_rules))
+    return (f'version = 1\npresets = ["package-registries", "github", "docs"]\n'
+            f'[network]\ndefault = "{default}"\nallow = [\n  "localhost",\n{rules}\n]\n'
+            f"ports = {ports}\nallowed_cidrs = [\"127.0.0.0/8\", \"::1/128\"]\n"
+            "[approvals]\ntimeout = 600\n")
+
+
+def start_proxies(workdir: Path, ports: list[int], names: set[str]) -> list[Proxy]:
+    python = sys.executable
+    bin_dir = Path(python).parent
+    proxies = [Proxy("direct", None, None, workdir)]
+    if "mitmdump" in names:
+        port = free_port()
+        proxies.append(Proxy("mitmdump", [
+            str(bin_dir / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port",
+            str(port), "--set", "connection_strategy=lazy", "--set", "stream_large_bodies=1m",
+            "--ignore-hosts", ".*"], port, workdir))
+    for label, rules in (("agent-egress", 0), ("agent-egress 100k", 100_000)):
+        if label not in names:
+            continue
+        port = free_port()
+        policy = workdir / f"policy-{rules}.toml"
+        policy.write_text(egress_policy(ports, rules))
+        proxies.append(Proxy(label, [
+            python, "-m", "agent_egress.proxy", "serve", "--listen", f"127.0.0.1:{port}",
+            "--config", str(policy), "--audit-log", str(workdir / f"audit-{rules}.jsonl"),
+            "--approval-socket", str(workdir / f"s{rules}" / "a.sock")], port, workdir,
+            env={"XDG_CONFIG_HOME": str(workdir), "XDG_STATE_HOME": str(workdir)}))
+    if "squid" in names and shutil.which("squid"):
+        port = free_port()
+        config = workdir / "squid.conf"
+        config.write_text(
+            f"http_port 127.0.0.1:{port}\nacl allowed dstdomain {HOST}\n"
+            f"acl ports port {' '.join(map(str, ports))}\n"
+            "http_access deny !ports\nhttp_access allow allowed\nhttp_access deny all\n"
+            "cache deny all\ncache_mem 8 MB\naccess_log none\ncache_log /dev/null\n"
+            f"pid_filename {workdir}/squid.pid\ncoredump_dir {workdir}\n"
+            "max_filedescriptors 16384\nshutdown_lifetime 1 seconds\n")
+        proxies.append(Proxy("squid", ["squid", "-N", "-f", str(config)], port, workdir))
+    elif "squid" in names:
+        print("squid not installed (apt-get install squid): skipped", file=sys.stderr)
+    if "tinyproxy" in names and shutil.which("tinyproxy"):
+        port = free_port()
+        filter_file = workdir / "tinyproxy.filter"
+        filter_file.write_text(f"^{HOST}$\n")
+        config = workdir / "tinyproxy.conf"
+        config.write_text(
+            f"Port {port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 4096\n"
+            f'Filter "{filter_file}"\nFilterDefaultDeny Yes\nFilterExtended On\n'
+            + "".join(f"ConnectPort {p}\n" for p in ports) + "LogLevel Critical\n")
+        proxies.append(Proxy("tinyproxy", ["tinyproxy", "-d", "-c", str(config)], port,
+                             workdir))
+    elif "tinyproxy" in names:
+        print("tinyproxy not installed (apt-get install tinyproxy): skipped", file=sys.stderr)
+    return proxies
+
+
+# -- clients -----------------------------------------------------------------------------------
+
+async def open_tunnel(proxy: Proxy, tls_port: int, context: ssl.SSLContext
+                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if proxy.port is None:
+        return await asyncio.open_connection(HOST, tls_port, ssl=context,
+                                             server_hostname=HOST)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(f"CONNECT {HOST}:{tls_port} HTTP/1.1\r\nHost: {HOST}:{tls_port}\r\n\r\n"
+                 .encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    if b" 200" not in head.split(b"\r\n", 1)[0]:
+        raise RuntimeError(f"{proxy.name}: CONNECT refused: {head[:80]!r}")
+    await writer.start_tls(context, server_hostname=HOST)
+    return reader, writer
+
+
+async def tunnel_request(proxy: Proxy, tls_port: int, context: ssl.SSLContext) -> None:
+    reader, writer = await open_tunnel(proxy, tls_port, context)
+    writer.write(f"GET / HTTP/1.1\r\nHost: {HOST}:{tls_port}\r\n\r\n".encode())
+    await reader.readuntil(b"hello")
+    writer.close()
+
+
+async def run_load(operation: Callable[[], Awaitable[None]], concurrency: int,
+                   seconds: float) -> dict[str, float]:
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await operation()
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"per_second": len(latencies) / elapsed,
+            "p50_ms": statistics.median(latencies) * 1000,
+            "p99_ms": latencies[max(int(len(latencies) * 0.99) - 1, 0)] * 1000}
+
+
+async def plain_requests(proxy: Proxy, plain_port: int, concurrency: int,
+                         seconds: float) -> dict[str, float]:
+    connections = []
+    for _ in range(concurrency):
+        port = plain_port if proxy.port is None else proxy.port
+        connections.append(await asyncio.open_connection("127.0.0.1", port))
+    target = "/" if proxy.port is None else f"http://{HOST}:{plain_port}/"
+    request = f"GET {target} HTTP/1.1\r\nHost: {HOST}:{plain_port}\r\n\r\n".encode()
+    pool: asyncio.Queue = asyncio.Queue()
+    for connection in connections:
+        pool.put_nowait(connection)
+
+    async def one() -> None:
+        reader, writer = await pool.get()
+        writer.write(request)
+        await reader.readuntil(b"hello")
+        pool.put_nowait((reader, writer))
+
+    result = await run_load(one, concurrency, seconds)
+    for _, writer in connections:
+        writer.close()
+    return result
+
+
+async def bulk(proxy: Proxy, tls_port: int, context: ssl.SSLContext) -> float:
+    reader, writer = await open_tunnel(proxy, tls_port, context)
+    writer.write(f"GET /bulk HTTP/1.1\r\nHost: {HOST}:{tls_port}\r\n\r\n".encode())
+    started = time.perf_counter()
+    await reader.readuntil(b"\r\n\r\n")
+    remaining = BULK_BYTES
+    while remaining:
+        chunk = await reader.read(min(remaining, 1 << 20))
+        remaining -= len(chunk)
+    elapsed = time.perf_counter() - started
+    writer.close()
+    return BULK_BYTES / 2**20 / elapsed
+
+
+async def idle_tunnels(proxy: Proxy, tls_port: int, context: ssl.SSLContext,
+                       count: int) -> float:
+    opened = []
+    semaphore = asyncio.Semaphore(50)
+
+    async def one() -> None:
+        async with semaphore:
+            opened.append(await open_tunnel(proxy, tls_port, context))
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    await asyncio.sleep(1)
+    rss = proxy.rss_mib()
+    for _, writer in opened:
+        writer.close()
+    return rss
+
+
+async def held_approvals(proxy: Proxy, tls_port: int, count: int) -> float:
+    writers = []
+    for index in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(f"CONNECT held{index}.example:{tls_port} HTTP/1.1\r\n\r\n".encode())
+        writers.append(writer)
+    await asyncio.sleep(2)
+    rss = proxy.rss_mib()
+    for writer in writers:
+        writer.close()
+    return rss
+
+
+async def measure(proxy: Proxy, ports: tuple[int, int], context: ssl.SSLContext,
+                  seconds: float) -> dict[str, float]:
+    plain_port, tls_port = ports
+    figures: dict[str, float] = {}
+    base_rss = proxy.rss_mib()
+    for concurrency in (1, 50):
+        result = await run_load(lambda: tunnel_request(proxy, tls_port, context), concurrency,
+                                seconds)
+        figures[f"tunnels_per_s_c{concurrency}"] = result["per_second"]
+        figures[f"tunnel_p50_ms_c{concurrency}"] = result["p50_ms"]
+        figures[f"tunnel_p99_ms_c{concurrency}"] = result["p99_ms"]
+    figures["http_req_per_s_c10"] = (await plain_requests(proxy, plain_port, 10, seconds))[
+        "per_second"]
+    figures["bulk_mb_per_s"] = await bulk(proxy, tls_port, context)
+    if proxy.process is not None:
+        figures["rss_mib_start"] = base_rss
+        figures["rss_mib_1000_idle_tunnels"] = await idle_tunnels(proxy, tls_port, context, 1000)
+        if proxy.name.startswith("agent-egress"):
+            figures["rss_mib_200_held"] = await held_approvals(proxy, tls_port, 200)
+    return figures
+
+
+def render(results: dict[str, dict[str, float]]) -> str:
+    metrics = sorted({key for figures in results.values() for key in figures},
+                     key=lambda k: list(next(iter(results.values()))).index(k)
+                     if k in next(iter(results.values())) else 99)
+    names = list(results)
+    lines = [f"{'figure':<28}" + "".join(f"{n:>19}" for n in names)]
+    for metric in metrics:
+        row = f"{metric:<28}"
+        for name in names:
+            value = results[name].get(metric)
+            if value is None:
+                row += f"{'-':>19}"
+                continue
+            ratios = []
+            for base in ("direct", "mitmdump"):
+                reference = results.get(base, {}).get(metric)
+                if reference and name != base:
+                    ratios.append(f"{value / reference:.2f}")
+            row += f"{value:>10.1f}" + f"{' (' + '/'.join(ratios) + ')' if ratios else '':>9}"
+        lines.append(row)
+    lines.append("(ratios: to direct / to mitmdump; for latency and memory lower is better)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per load measurement")
+    parser.add_argument("--json", default="bench_proxy.json", help="where to write figures")
+    parser.add_argument("--only", default="direct,mitmdump,agent-egress,agent-egress 100k,"
+                                          "squid,tinyproxy")
+    args = parser.parse_args()
+    raise_fd_limit()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    ca = trustme.CA()
+    cert = ca.issue_cert(HOST, "127.0.0.1", "::1")
+    cert_file = workdir / "origin.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    plain_port, tls_port = free_port(), free_port()
+    origin = subprocess.Popen([sys.executable, "-c", ORIGIN_CODE, str(plain_port),
+                               str(tls_port), str(BULK_BYTES), str(cert_file)],
+                              stdout=subprocess.PIPE, text=True, preexec_fn=raise_fd_limit)
+    assert origin.stdout is not None and origin.stdout.readline().strip() == "ready"
+    names = set(args.only.split(","))
+    proxies = start_proxies(workdir, [80, 443, plain_port, tls_port], names)
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for proxy in proxies:
+            print(f"measuring {proxy.name} ...", file=sys.stderr, flush=True)
+            results[proxy.name] = asyncio.run(measure(proxy, (plain_port, tls_port), context,
+                                                      args.seconds))
+            proxy.stop()
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+        origin.terminate()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}; {time.strftime('%Y-%m-%d')}")
+    print(render(results))
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"figures written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
