@@ -19,8 +19,16 @@ from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.reload import PolicyReload
 from agent_egress.addons.telemetry import TelemetrySink
 from agent_egress.addons.tunnels import Tunnels
-from mitmproxy import ctx, options
-from mitmproxy.tools.dump import DumpMaster
+from mitmproxy import ctx, master, options
+from mitmproxy.addons import (
+    block,
+    core,
+    disable_h2c,
+    errorcheck,
+    next_layer,
+    proxyserver,
+    tlsconfig,
+)
 
 from .approval_server import ApprovalServer, SocketSetupError
 from .telemetry import Telemetry
@@ -53,13 +61,28 @@ class Announce:
             print(f"  {line}", flush=True)
 
 
+def lean_master(opts: options.Options) -> master.Master:
+    """mitmproxy with only the addons a forward proxy needs.
+
+    mitmdump loads ~35 addons (replay, scripts, header rewriting, HAR export...), and every
+    hook of every request visits each of them; on this hot path that dispatch costs more than
+    the policy itself. Block (refuse clients from public addresses), DisableH2C and TlsConfig
+    are kept for the protections they give.
+    """
+    proxy = master.Master(opts, with_termlog=True)
+    proxy.addons.add(core.Core(), block.Block(), disable_h2c.DisableH2C(),
+                     proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
+                     errorcheck.ErrorCheck())
+    return proxy
+
+
 def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
           managed_file: str | None, audit_log: str | None, resolve: list[str], socket_path: Path,
           approver_uids: Iterable[int] = (), telemetry: Telemetry | None = None,
           extra: dict[str, Any] | None = None) -> int:
     async def main() -> int:
         opts = options.Options(listen_host=listen_host, listen_port=listen_port)
-        master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+        proxy = lean_master(opts)
         audit = AuditLog()
         pinning = UpstreamPinning()
         approvals = Approvals(audit)
@@ -69,7 +92,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         if telemetry is not None:
             audit.add_sink(TelemetrySink(telemetry, lambda: tunnels.open_count,
                                          lambda: len(approvals.pending)).on_event)
-        master.addons.add(audit, pinning, approvals, Health(),
+        proxy.addons.add(audit, pinning, approvals, Health(),
                           AgentIdentity(lambda: enforcer.policy),
                           enforcer, tunnels, reloader, Announce(socket_path))
         opts.update(
@@ -93,10 +116,10 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
             return 2
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, master.shutdown)
+            loop.add_signal_handler(signum, proxy.shutdown)
         loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
         try:
-            await master.run()
+            await proxy.run()
         finally:
             await server.stop()
             if telemetry is not None:
