@@ -22,7 +22,6 @@ from agent_egress.policy import (
     normalize_host,
     split_host_port,
 )
-from agent_egress.policy.writer import add_rule_to_file
 from mitmproxy import ctx, exceptions, http
 
 from .approvals import Approvals, Verdict
@@ -154,6 +153,8 @@ class Enforcer:
 
     def persist_rule(self, action: Action, host: str, port: int | None) -> None:
         """Write an `always` decision to the user policy file and start using it."""
+        from agent_egress.policy.writer import add_rule_to_file  # tomlkit: only when needed
+
         assert self.policy is not None
         path = Path(ctx.options.policy_file or default_user_policy_path())
         in_ports = port is None or port in self.policy.settings.ports

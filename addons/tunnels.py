@@ -22,7 +22,7 @@ from .enforce import METADATA_KEY, decision_fields
 from .identity import agent_of
 
 
-@dataclass
+@dataclass(slots=True)
 class Tunnel:
     client: str
     host: str

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog, default_audit_log_path
@@ -17,7 +17,6 @@ from agent_egress.addons.health import Health
 from agent_egress.addons.identity import AgentIdentity
 from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.reload import PolicyReload
-from agent_egress.addons.telemetry import TelemetrySink
 from agent_egress.addons.tunnels import Tunnels
 from mitmproxy import ctx, master, options
 from mitmproxy.addons import (
@@ -31,7 +30,9 @@ from mitmproxy.addons import (
 )
 
 from .approval_server import ApprovalServer, SocketSetupError
-from .telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
 
 
 def proxy_env_lines(url: str) -> list[str]:
@@ -90,6 +91,8 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         reloader = PolicyReload(enforcer, audit)
         tunnels = Tunnels(audit, lambda: enforcer.auditing)
         if telemetry is not None:
+            from agent_egress.addons.telemetry import TelemetrySink
+
             audit.add_sink(TelemetrySink(telemetry, lambda: tunnels.open_count,
                                          lambda: len(approvals.pending)).on_event)
         proxy.addons.add(audit, pinning, approvals, Health(),

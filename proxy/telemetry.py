@@ -4,6 +4,7 @@ variables and the policy files' `[telemetry]` tables (explicit keys win; managed
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -78,35 +79,35 @@ def telemetry_config(user: ParsedFile | None, managed: ParsedFile | None,
     return TelemetryConfig(bool(enabled), endpoint, protocol, headers, attributes, required)
 
 
-class CountingBatchProcessor(BatchLogRecordProcessor):
+def counting_batch_processor(exporter: Any, on_drop: Any, **kwargs: Any) -> Any:
     """The SDK's batch processor, bounded, counting what it drops and warning once."""
 
-    def __init__(self, exporter: Any, on_drop: Any, **kwargs: Any) -> None:
-        super().__init__(exporter, **kwargs)
-        self._on_drop = on_drop
-        self._warned = False
+    class CountingBatchProcessor(BatchLogRecordProcessor):
+        _warned = False
 
-    def on_emit(self, log_record: Any) -> None:
-        batch = getattr(self, "_batch_processor", None)
-        queue = getattr(batch, "_queue", None)
-        limit = getattr(batch, "_max_queue_size", None)
-        if queue is not None and limit is not None and len(queue) >= limit:
-            self._on_drop(1)
-            if not self._warned:
-                self._warned = True
-                import logging
+        def on_emit(self, log_record: Any) -> None:
+            batch = getattr(self, "_batch_processor", None)
+            queue = getattr(batch, "_queue", None)
+            limit = getattr(batch, "_max_queue_size", None)
+            if queue is not None and limit is not None and len(queue) >= limit:
+                on_drop(1)
+                if not self._warned:
+                    self._warned = True
+                    logging.getLogger(__name__).warning(
+                        "telemetry queue full (collector slow or unreachable): dropping log "
+                        "records; the audit log still has every event")
+                return
+            super().on_emit(log_record)
 
-                logging.getLogger(__name__).warning(
-                    "telemetry queue full (collector slow or unreachable): dropping log records; "
-                    "the audit log still has every event")
-            return
-        super().on_emit(log_record)
+    return CountingBatchProcessor(exporter, **kwargs)
 
 
 class Telemetry:
     """The OTel providers for one proxy run."""
 
     def __init__(self, config: TelemetryConfig, agent: str | None = None) -> None:
+        from opentelemetry.sdk.metrics import MeterProvider
+
         self.config = config
         if config.required:
             # The SDK obeys OTEL_SDK_DISABLED on its own; a managed requirement outranks it.
@@ -125,7 +126,7 @@ class Telemetry:
         if not config.enabled:
             return
         log_exporter, metric_exporter = self._exporters()
-        self.logger_provider.add_log_record_processor(CountingBatchProcessor(
+        self.logger_provider.add_log_record_processor(counting_batch_processor(
             log_exporter, self._count_drop, max_queue_size=2048, schedule_delay_millis=1000))
         interval = int(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "10000"))
         reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=interval)

@@ -229,10 +229,8 @@ async def run_load(operation: Callable[[], Awaitable[None]], concurrency: int,
 
 async def plain_requests(proxy: Proxy, plain_port: int, concurrency: int,
                          seconds: float) -> dict[str, float]:
-    connections = []
-    for _ in range(concurrency):
-        port = plain_port if proxy.port is None else proxy.port
-        connections.append(await asyncio.open_connection("127.0.0.1", port))
+    port = plain_port if proxy.port is None else proxy.port
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(concurrency)]
     target = "/" if proxy.port is None else f"http://{HOST}:{plain_port}/"
     request = f"GET {target} HTTP/1.1\r\nHost: {HOST}:{plain_port}\r\n\r\n".encode()
     pool: asyncio.Queue = asyncio.Queue()
@@ -241,13 +239,19 @@ async def plain_requests(proxy: Proxy, plain_port: int, concurrency: int,
 
     async def one() -> None:
         reader, writer = await pool.get()
-        writer.write(request)
-        await reader.readuntil(b"hello")
+        for _ in range(2):  # a proxy without client keep-alive (tinyproxy) closes: reconnect
+            try:
+                writer.write(request)
+                await reader.readuntil(b"hello")
+                break
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
         pool.put_nowait((reader, writer))
 
     result = await run_load(one, concurrency, seconds)
-    for _, writer in connections:
-        writer.close()
+    while not pool.empty():
+        pool.get_nowait()[1].close()
     return result
 
 
