@@ -86,7 +86,7 @@ class Tunnels:
                 self._reject(nextlayer, tunnel, "the TLS ClientHello could not be parsed", None)
                 return
             if hello is None:
-                nextlayer.layer = None  # wait for the rest of the ClientHello
+                self._replace(nextlayer, None)  # wait for the rest of the ClientHello
                 return
             if not self._sni_matches(hello.sni, tunnel):
                 detail = (f"TLS SNI {hello.sni!r} does not name the CONNECT target "
@@ -106,7 +106,19 @@ class Tunnels:
         else:
             tunnel.protocol = "tcp"
         tunnel.layer_chosen = True
-        nextlayer.layer = CountingPassthrough(nextlayer.context, tunnel)
+        self._replace(nextlayer, CountingPassthrough(nextlayer.context, tunnel))
+
+    @staticmethod
+    def _replace(nextlayer: layer.NextLayer, chosen: layer.Layer | None) -> None:
+        """Use our layer instead of the one mitmproxy's NextLayer picked (TLS layers for a
+        ClientHello), and drop the discarded ones from the context: each would otherwise
+        stay referenced for the tunnel's lifetime (about 4 KiB per idle tunnel)."""
+        discarded = nextlayer.layer
+        while discarded is not None:
+            if discarded in nextlayer.context.layers:
+                nextlayer.context.layers.remove(discarded)
+            discarded = getattr(discarded, "child_layer", None)
+        nextlayer.layer = chosen
 
     @staticmethod
     def _sni_matches(sni: str | None, tunnel: Tunnel) -> bool:
@@ -122,7 +134,7 @@ class Tunnels:
                 sni: str | None) -> None:
         self._tunnels.pop(nextlayer.context.client.id, None)
         self._log_mismatch(tunnel, detail, sni)
-        nextlayer.layer = CloseClient(nextlayer.context)
+        self._replace(nextlayer, CloseClient(nextlayer.context))
 
     def _log_mismatch(self, tunnel: Tunnel, detail: str, sni: str | None,
                       audit_mode: bool = False) -> None:
