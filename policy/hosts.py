@@ -13,8 +13,6 @@ import re
 from functools import lru_cache
 from typing import NamedTuple
 
-import idna
-
 from .errors import InvalidHost
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -77,6 +75,8 @@ def parse_ipv4(host: str) -> ipaddress.IPv4Address:
 
 
 def _idna_encode(host: str) -> str:
+    import idna  # its UTS-46 tables cost ~3 MiB: loaded only for names that need them
+
     try:
         return idna.encode(host, uts46=True, transitional=False).decode("ascii")
     except (idna.IDNAError, UnicodeError) as exc:
@@ -132,6 +132,8 @@ def normalize_host(raw: str) -> Host:
         )
     if "xn--" in host:
         # A punycode label must decode, or two spellings could name one host.
+        import idna
+
         try:
             host = _idna_encode(idna.decode(host))
         except (idna.IDNAError, UnicodeError) as exc:

@@ -7,19 +7,37 @@ the compiler, which reports their errors the same way.
 
 from __future__ import annotations
 
+import ipaddress
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Annotated, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    IPvAnyAddress,
-    IPvAnyNetwork,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
 
 from .presets import presets
 
+
+def _address(value: object) -> IPv4Address | IPv6Address:
+    if isinstance(value, IPv4Address | IPv6Address):
+        return value
+    try:
+        return ipaddress.ip_address(str(value).strip("[]"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
+def _network(value: object) -> IPv4Network | IPv6Network:
+    if isinstance(value, IPv4Network | IPv6Network):
+        return value
+    try:
+        return ipaddress.ip_network(str(value))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a CIDR block ({exc})") from None
+
+
+# The standard library's types, one clear error each (pydantic's IPvAny* types would also
+# pull in pydantic.networks, ~2 MiB resident).
+IPAddressValue = Annotated[IPv4Address | IPv6Address, PlainValidator(_address)]
+IPNetworkValue = Annotated[IPv4Network | IPv6Network, PlainValidator(_network)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Mode = Literal["enforce", "audit"]
 Scope = Literal["once", "session", "always"]
@@ -47,7 +65,7 @@ class NetworkSettings(_Strict):
     ports: list[Port] = Field(default=[80, 443], min_length=1)
     allow_ip_literals: bool = False
     block_private: bool = True
-    allowed_cidrs: list[IPvAnyNetwork] = []
+    allowed_cidrs: list[IPNetworkValue] = []
 
 
 class ApprovalSettings(_Strict):
@@ -83,7 +101,7 @@ class PolicyFile(_Strict):
     presets: list[PresetName] = []
     network: NetworkSettings = NetworkSettings()
     approvals: ApprovalSettings = ApprovalSettings()
-    resolve: dict[str, IPvAnyAddress] = {}
-    identity: dict[IPvAnyNetwork, str] = {}  # client address or network -> agent name
+    resolve: dict[str, IPAddressValue] = {}
+    identity: dict[IPNetworkValue, str] = {}  # client address or network -> agent name
     telemetry: TelemetrySettings = TelemetrySettings()
     requirements: Requirements | None = None
