@@ -1,0 +1,80 @@
+"""The tunnel addon's layer choice, driven directly with mitmproxy's own objects."""
+
+from __future__ import annotations
+
+import ssl
+
+from mitmproxy import options
+from mitmproxy.proxy import events, layer, layers
+from mitmproxy.proxy.context import Context
+from mitmproxy.test import tflow
+
+from agent_egress.addons.tunnels import CloseClient, CountingPassthrough, Tunnel, Tunnels
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict]] = []
+
+    def emit(self, event: str, **fields) -> None:
+        self.events.append((event, fields))
+
+
+def client_hello(server_name: str) -> bytes:
+    """A real ClientHello, as Python's ssl module sends it."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def next_layer_after_mitmproxy(hello: bytes) -> layer.NextLayer:
+    """The state mitmproxy's own NextLayer addon leaves: TLS layers for a ClientHello."""
+    context = Context(tflow.tclient_conn(), options.Options())
+    context.server.address = ("allowed.test", 443)
+    nextlayer = layer.NextLayer(context)
+    nextlayer.events.append(events.DataReceived(context.client, hello))
+    server_tls = layers.ServerTLSLayer(context)
+    server_tls.child_layer = layers.ClientTLSLayer(context)
+    nextlayer.layer = server_tls
+    return nextlayer
+
+
+def tunnels_with(nextlayer: layer.NextLayer) -> tuple[Tunnels, Recorder]:
+    audit = Recorder()
+    tunnels = Tunnels(audit)  # type: ignore[arg-type]
+    tunnels._tunnels[nextlayer.context.client.id] = Tunnel("127.0.0.1:1", "allowed.test", 443)
+    return tunnels, audit
+
+
+def test_matching_sni_passes_through_and_drops_the_tls_layers() -> None:
+    nextlayer = next_layer_after_mitmproxy(client_hello("Allowed.Test."))
+    discarded = [nextlayer.layer, nextlayer.layer.child_layer]
+    tunnels, audit = tunnels_with(nextlayer)
+    tunnels.next_layer(nextlayer)
+    assert isinstance(nextlayer.layer, CountingPassthrough)
+    assert not any(d in nextlayer.context.layers for d in discarded)
+    assert nextlayer.context.layers[-1] is nextlayer.layer
+    assert audit.events == []
+
+
+def test_mismatching_sni_closes_and_is_recorded() -> None:
+    nextlayer = next_layer_after_mitmproxy(client_hello("evil.test"))
+    tunnels, audit = tunnels_with(nextlayer)
+    tunnels.next_layer(nextlayer)
+    assert isinstance(nextlayer.layer, CloseClient)
+    ((name, fields),) = audit.events
+    assert name == "request.decided" and fields["reason"] == "sni_mismatch"
+    assert fields["sni"] == "evil.test" and fields["host"] == "allowed.test"
+
+
+def test_partial_client_hello_waits_for_more() -> None:
+    hello = client_hello("allowed.test")
+    nextlayer = next_layer_after_mitmproxy(hello[:20])
+    tunnels, _ = tunnels_with(nextlayer)
+    tunnels.next_layer(nextlayer)
+    assert nextlayer.layer is None
+    assert [type(x) for x in nextlayer.context.layers] == []
