@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import ssl
 
+from agent_egress.addons.tunnels import CloseClient, CountingPassthrough, Tunnel, Tunnels
 from mitmproxy import options
 from mitmproxy.proxy import events, layer, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.test import tflow
-
-from agent_egress.addons.tunnels import CloseClient, CountingPassthrough, Tunnel, Tunnels
 
 
 class Recorder:
