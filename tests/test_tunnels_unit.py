@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 
 from agent_egress.addons.tunnels import CloseClient, CountingPassthrough, Tunnel, Tunnels
@@ -23,10 +24,8 @@ def client_hello(server_name: str) -> bytes:
     """A real ClientHello, as Python's ssl module sends it."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):  # it waits for the server's answer
         tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return outgoing.read()
 
 
