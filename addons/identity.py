@@ -49,7 +49,9 @@ class AgentIdentity:
         client = flow.client_conn
         if agent is None:
             agent = self._by_client.get(client.id)
-        if agent is None and (policy := self.policy()) is not None and client.peername:
+        policy = self.policy()
+        # Most policies have no [identity] table: then no address is parsed per request.
+        if agent is None and policy is not None and policy.settings.identity and client.peername:
             try:
                 address = ipaddress.ip_address(client.peername[0].split("%")[0])
             except ValueError:

@@ -273,14 +273,14 @@ class Layer(NamedTuple):
     source: str
     allow: RuleIndex
     deny: RuleIndex
-    allow_count: int
-    deny_count: int
+    allow_rules: tuple[Rule, ...]  # as written, in file order: for `policy show`
+    deny_rules: tuple[Rule, ...]
 
     @classmethod
     def build(cls, name: str, source: str, allow: Sequence[Rule],
               deny: Sequence[Rule]) -> Layer:
-        return cls(name, source, RuleIndex.build(allow), RuleIndex.build(deny), len(allow),
-                   len(deny))
+        return cls(name, source, RuleIndex.build(allow), RuleIndex.build(deny), tuple(allow),
+                   tuple(deny))
 
 
 _CACHE_LIMIT = 65536
@@ -291,8 +291,8 @@ _DEFAULT_REASON = {Action.ALLOW: Reason.DEFAULT, Action.DENY: Reason.NOT_ALLOWLI
 class CompiledPolicy:
     """A policy ready to decide: layers in precedence order (managed, then user).
 
-    Precedence: managed deny > user deny > managed allow > user allow > default. Build with
-    :func:`compile_rules` or the loader; never mutated after.
+    Precedence: managed deny > user deny > managed allow > user allow > default. Built by the
+    loader (policy.layering); never mutated after.
     """
 
     __slots__ = ("layers", "settings", "problems", "_allow_layers", "_cache")
@@ -313,11 +313,11 @@ class CompiledPolicy:
 
     @property
     def allow_count(self) -> int:
-        return sum(layer.allow_count for layer in self.layers)
+        return sum(len(layer.allow_rules) for layer in self.layers)
 
     @property
     def deny_count(self) -> int:
-        return sum(layer.deny_count for layer in self.layers)
+        return sum(len(layer.deny_rules) for layer in self.layers)
 
     def decide(self, host: str, port: int) -> Decision:
         """The decision for a destination as a client named it (any spelling)."""
@@ -418,9 +418,3 @@ class CompiledPolicy:
             if reason and not in_networks(address, self.settings.allowed_cidrs):
                 return f"{address} is {reason}"
         return None
-
-
-def compile_rules(allow: Iterable[Rule], deny: Iterable[Rule], settings: Settings,
-                  source: str = "<rules>") -> CompiledPolicy:
-    """A single-layer policy from rules (the user layer)."""
-    return CompiledPolicy([Layer.build("user", source, list(allow), list(deny))], settings)

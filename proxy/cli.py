@@ -240,8 +240,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         "rules": [
             {"action": rule.action.value, "pattern": rule.text, "layer": rule.layer,
              "origin": rule.origin}
-            for layer in policy.layers for index in (layer.deny, layer.allow)
-            for rule in _index_rules(index)
+            for layer in policy.layers for rule in (*layer.deny_rules, *layer.allow_rules)
         ],
         "not_applied": list(policy.problems),
         "running": _running_status(args),
@@ -272,22 +271,6 @@ def _print_running(running: dict[str, Any]) -> None:
     if failure := running.get("last_reload_failure"):
         print(f"  LAST RELOAD FAILED at {failure['at']} ({failure['why']}); the policy "
               "loaded before stays in force:\n    " + failure["error"].replace("\n", "\n    "))
-
-
-def _index_rules(index: Any) -> list[Any]:
-    seen: dict[tuple[str, int, str], Any] = {}
-    for table in (index.exact, index.subtree, index.glob):
-        for rules in table.values():
-            for rule in rules:
-                seen[(rule.source, rule.index, rule.text)] = rule
-    for rule in index.any_host:
-        seen[(rule.source, rule.index, rule.text)] = rule
-    for by_prefix in index.networks.values():
-        for _, table in by_prefix:
-            for rules in table.values():
-                for rule in rules:
-                    seen[(rule.source, rule.index, rule.text)] = rule
-    return sorted(seen.values(), key=lambda rule: (rule.source, rule.index))
 
 
 def _running_status(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -38,9 +38,11 @@ class TelemetryConfig:
 
 
 def _env_headers() -> dict[str, str]:
-    raw = os.environ.get("OTEL_EXPORTER_OTLP_HEADERS", "")
-    pairs = (item.split("=", 1) for item in raw.split(",") if "=" in item)
-    return {key.strip(): value.strip() for key, value in pairs}
+    # The SDK's own parser: comma-separated key=value pairs, URL-decoded as the spec says.
+    from opentelemetry.util.re import parse_env_headers
+
+    return dict(parse_env_headers(os.environ.get("OTEL_EXPORTER_OTLP_HEADERS", ""),
+                                  liberal=True))
 
 
 def telemetry_config(user: ParsedFile | None, managed: ParsedFile | None,

@@ -88,10 +88,10 @@ def test_curl_waits_until_approved_then_reaches_origin(ask_proxy, tls_origin, cl
     held = ask_proxy.events("request.decided")[0]
     assert held["decision"] == "held" and held["reason"] == "needs_approval"
     # `once` does not carry over to the next request.
-    second = start_curl(client_env, ask_proxy, url)
+    second = start_curl(client_env, ask_proxy, url, "-v")
     wait_pending(ask_proxy, lambda p: p["host"] == "ask.test")
-    ask_proxy.cli("deny", "ask.test")
-    second.communicate(timeout=30)
+    assert ask_proxy.cli("deny", "ask.test").returncode == 0
+    assert "< HTTP/1.1 403" in second.communicate(timeout=30)[1]
 
 
 def test_deny_gives_403_and_origin_sees_nothing(ask_proxy, plain_origin, client_env):
