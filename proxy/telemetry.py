@@ -12,13 +12,10 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
-import requests
 from agent_egress.policy.layering import ParsedFile
-from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+
+# The SDK, its exporters and requests are imported where a Telemetry is built: a proxy with
+# export off never loads them (several MiB of resident memory it would carry for nothing).
 
 SHUTDOWN_SECONDS = 3.0
 
@@ -83,6 +80,7 @@ def telemetry_config(user: ParsedFile | None, managed: ParsedFile | None,
 
 def counting_batch_processor(exporter: Any, on_drop: Any, **kwargs: Any) -> Any:
     """The SDK's batch processor, bounded, counting what it drops and warning once."""
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 
     class CountingBatchProcessor(BatchLogRecordProcessor):
         _warned = False
@@ -108,7 +106,10 @@ class Telemetry:
     """The OTel providers for one proxy run."""
 
     def __init__(self, config: TelemetryConfig, agent: str | None = None) -> None:
+        from opentelemetry.sdk._logs import LoggerProvider
         from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 
         self.config = config
         if config.required:
@@ -150,6 +151,7 @@ class Telemetry:
             insecure = bool(endpoint and endpoint.startswith("http://"))
             return (OTLPLogExporter(endpoint=endpoint, headers=headers, insecure=insecure),
                     OTLPMetricExporter(endpoint=endpoint, headers=headers, insecure=insecure))
+        import requests
         from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
