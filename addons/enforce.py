@@ -29,8 +29,6 @@ from .auditlog import AuditLog
 from .identity import agent_of
 from .pinning import UpstreamPinning
 
-METADATA_KEY = "agent_egress"
-
 _X_PROXY_ERROR = {
     Reason.DENYLIST: "blocked-by-denylist",
     Reason.DENIED_BY_APPROVER: "blocked-by-denylist",
@@ -232,24 +230,19 @@ class Enforcer:
                 refusal = Decision(Action.DENY, reason, decision.host, port, decision.rule,
                                    resolution.refusal, decision.layer)
             if resolution.addresses:
-                address = resolution.addresses[0]
+                address = str(resolution.addresses[0])
                 self.pinning.pin(flow.client_conn, host, port, address)
-        metadata = flow.metadata.setdefault(METADATA_KEY, {})
-        metadata["host"] = decision.host
         if address is not None:
-            metadata["address"] = str(address)
             # Connect to exactly the checked address: no second lookup for rebinding to use.
             # (Setting .data.host leaves the Host header as the client sent it.)
-            flow.request.data.host = str(address)
+            flow.request.data.host = address
         if refusal is not None:
             self._refuse(flow, refusal, verdict)
             if self.auditing and address is not None:
                 flow.response = None  # logged as refused; audit mode lets it through
             return
-        flow.metadata.setdefault(METADATA_KEY, {})["decision"] = decision
         self.audit.emit("request.decided", **_request_fields(flow), **decision_fields(decision),
-                        address=flow.metadata[METADATA_KEY].get("address"),
-                        **_verdict_fields(verdict))
+                        address=address, **_verdict_fields(verdict))
 
     @property
     def auditing(self) -> bool:
@@ -258,7 +251,6 @@ class Enforcer:
 
     def _refuse(self, flow: http.HTTPFlow, decision: Decision,
                 verdict: Verdict | None = None) -> None:
-        flow.metadata.setdefault(METADATA_KEY, {})["decision"] = decision
         fields = {**decision_fields(decision)}
         if self.auditing:
             fields.update(mode="audit", enforced=False)

@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent_egress.policy import CompiledPolicy, normalize_host
 from agent_egress.policy.hosts import IPAddress
@@ -26,12 +26,18 @@ class Resolution:
     dns_failed: bool = False
 
 
+class Pin(NamedTuple):
+    name: str  # normalised host name
+    port: int
+    address: str  # the checked address, as the request now targets it
+
+
 class UpstreamPinning:
     def __init__(self) -> None:
-        # client connection id -> (normalised host, port) -> the address that was checked,
-        # and the reverse: (address, port) -> the host name it stands for.
-        self._pins: dict[str, dict[tuple[str, int], IPAddress]] = {}
-        self._names: dict[str, dict[tuple[str, int], str]] = {}
+        # client connection id -> its pins. A connection pins one upstream per (host, port) it
+        # reached: one for a tunnel, a few for a keep-alive plain-HTTP client, so a scan of a
+        # tuple is cheaper than dictionaries, and it is held for every idle tunnel.
+        self._pins: dict[str, tuple[Pin, ...]] = {}
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -65,17 +71,25 @@ class UpstreamPinning:
             return Resolution(addresses, f"{target.name} resolves to {refusal}")
         return Resolution(addresses)
 
-    def pin(self, client: connection.Client, host: str, port: int, address: IPAddress) -> None:
+    def pin(self, client: connection.Client, host: str, port: int, address: str) -> None:
+        """Remember the checked address for (host, port) on this client connection."""
         name = normalize_host(host).name
-        self._pins.setdefault(client.id, {})[(name, port)] = address
-        self._names.setdefault(client.id, {})[(str(address), port)] = name
+        kept = tuple(pin for pin in self._pins.get(client.id, ())
+                     if (pin.name, pin.port) != (name, port))
+        self._pins[client.id] = (*kept, Pin(name, port, address))
 
-    def pinned(self, client: connection.Client, host: str, port: int) -> IPAddress | None:
-        return self._pins.get(client.id, {}).get((normalize_host(host).name, port))
+    def pinned(self, client: connection.Client, host: str, port: int) -> str | None:
+        pins = self._pins.get(client.id)
+        if pins is None:
+            return None
+        name = normalize_host(host).name
+        return next((pin.address for pin in pins if pin.name == name and pin.port == port),
+                    None)
 
     def name_for(self, client: connection.Client, address: str, port: int) -> str | None:
         """The host name a pinned address stands for on this client connection."""
-        return self._names.get(client.id, {}).get((address, port))
+        return next((pin.name for pin in self._pins.get(client.id, ())
+                     if pin.address == address and pin.port == port), None)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         # The enforcer points each allowed request at its checked address; anything else
@@ -83,9 +97,8 @@ class UpstreamPinning:
         if data.server.address is None:
             return
         host, port = data.server.address[:2]
-        if (host, port) not in self._names.get(data.client.id, {}):
+        if self.name_for(data.client, host, port) is None:
             data.server.error = "agent-egress: no policy decision pinned this upstream"
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._pins.pop(client.id, None)
-        self._names.pop(client.id, None)

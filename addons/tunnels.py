@@ -18,25 +18,33 @@ from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from .auditlog import AuditLog
-from .enforce import METADATA_KEY, decision_fields
+from .enforce import decision_fields
 from .identity import agent_of
+from .pinning import UpstreamPinning
 
 
 @dataclass(slots=True)
 class Tunnel:
-    client: str
+    """What the `tunnel.closed` event needs; one is held per open tunnel, so kept small."""
+
+    peer: tuple[str, int] | None  # the client's address, formatted only for the event
     host: str
     port: int
+    agent: str | None = None
     opened: float = field(default_factory=time.monotonic)
     bytes_up: int = 0
     bytes_down: int = 0
-    protocol: str | None = None
-    agent: str | None = None
-    layer_chosen: bool = False
+    protocol: str | None = None  # set once the layer is chosen: tls, http or tcp
+
+    @property
+    def client(self) -> str:
+        return f"{self.peer[0]}:{self.peer[1]}" if self.peer else ""
 
 
 class CountingPassthrough(layers.TCPLayer):
     """mitmproxy's TCP relay without a flow object, counting bytes for the tunnel event."""
+
+    __slots__ = ("tunnel",)  # a slot, not an instance-dict key: the dict stays its size
 
     def __init__(self, context: Any, tunnel: Tunnel) -> None:
         super().__init__(context, ignore=True)
@@ -60,23 +68,23 @@ class CloseClient(layer.Layer):
 
 
 class Tunnels:
-    def __init__(self, audit: AuditLog, auditing: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, audit: AuditLog, pinning: UpstreamPinning,
+                 auditing: Callable[[], bool] = lambda: False) -> None:
         self.audit = audit
+        self.pinning = pinning
         self.auditing = auditing  # audit mode: a mismatch is logged, the tunnel still flows
         self._tunnels: dict[str, Tunnel] = {}  # client connection id -> its one tunnel
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
-        peer = flow.client_conn.peername
+        request = flow.request
+        # The enforcer pointed the CONNECT at its checked address; the pin names the host.
+        host = self.pinning.name_for(flow.client_conn, request.host, request.port)
         self._tunnels[flow.client_conn.id] = Tunnel(
-            client=f"{peer[0]}:{peer[1]}" if peer else "",
-            host=flow.metadata.get(METADATA_KEY, {}).get("host", flow.request.host),
-            port=flow.request.port, agent=agent_of(flow),
-        )
-        flow.metadata.setdefault(METADATA_KEY, {})["tunnel"] = True
+            flow.client_conn.peername, host or request.host, request.port, agent_of(flow))
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         tunnel = self._tunnels.get(nextlayer.context.client.id)
-        if tunnel is None or tunnel.layer_chosen:
+        if tunnel is None or tunnel.protocol is not None:
             return
         data = nextlayer.data_client()
         if starts_like_tls_record(data):
@@ -99,13 +107,11 @@ class Tunnels:
             tunnel.protocol = "tls"
         elif isinstance(nextlayer.layer, layers.HttpLayer):
             tunnel.protocol = "http"  # plain HTTP in the tunnel: decided per request
-            tunnel.layer_chosen = True
             return
         elif nextlayer.layer is None:
             return
         else:
             tunnel.protocol = "tcp"
-        tunnel.layer_chosen = True
         self._replace(nextlayer, CountingPassthrough(nextlayer.context, tunnel))
 
     @staticmethod

@@ -89,7 +89,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         approvals = Approvals(audit)
         enforcer = Enforcer(audit, pinning, approvals)
         reloader = PolicyReload(enforcer, audit)
-        tunnels = Tunnels(audit, lambda: enforcer.auditing)
+        tunnels = Tunnels(audit, pinning, lambda: enforcer.auditing)
         if telemetry is not None:
             from agent_egress.addons.telemetry import TelemetrySink
 

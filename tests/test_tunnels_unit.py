@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ssl
 
+from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.tunnels import CloseClient, CountingPassthrough, Tunnel, Tunnels
 from mitmproxy import options
 from mitmproxy.proxy import events, layer, layers
@@ -43,8 +44,8 @@ def next_layer_after_mitmproxy(hello: bytes) -> layer.NextLayer:
 
 def tunnels_with(nextlayer: layer.NextLayer) -> tuple[Tunnels, Recorder]:
     audit = Recorder()
-    tunnels = Tunnels(audit)  # type: ignore[arg-type]
-    tunnels._tunnels[nextlayer.context.client.id] = Tunnel("127.0.0.1:1", "allowed.test", 443)
+    tunnels = Tunnels(audit, UpstreamPinning())  # type: ignore[arg-type]
+    tunnels._tunnels[nextlayer.context.client.id] = Tunnel(("127.0.0.1", 1), "allowed.test", 443)
     return tunnels, audit
 
 
