@@ -18,18 +18,10 @@ from agent_egress.addons.identity import AgentIdentity
 from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.reload import PolicyReload
 from agent_egress.addons.tunnels import Tunnels
-from mitmproxy import ctx, master, options
-from mitmproxy.addons import (
-    block,
-    core,
-    disable_h2c,
-    errorcheck,
-    next_layer,
-    proxyserver,
-    tlsconfig,
-)
+from mitmproxy import ctx, options
 
 from .approval_server import ApprovalServer, SocketSetupError
+from .master import lean_master
 
 if TYPE_CHECKING:
     from .telemetry import Telemetry
@@ -60,21 +52,6 @@ class Announce:
         print("Set these in the agent's environment:", flush=True)
         for line in proxy_env_lines(url):
             print(f"  {line}", flush=True)
-
-
-def lean_master(opts: options.Options) -> master.Master:
-    """mitmproxy with only the addons a forward proxy needs.
-
-    mitmdump loads ~35 addons (replay, scripts, header rewriting, HAR export...), and every
-    hook of every request visits each of them; on this hot path that dispatch costs more than
-    the policy itself. Block (refuse clients from public addresses), DisableH2C and TlsConfig
-    are kept for the protections they give.
-    """
-    proxy = master.Master(opts, with_termlog=True)
-    proxy.addons.add(core.Core(), block.Block(), disable_h2c.DisableH2C(),
-                     proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
-                     errorcheck.ErrorCheck())
-    return proxy
 
 
 def serve(*, listen_host: str, listen_port: int, policy_file: str | None,

@@ -18,7 +18,7 @@ _LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
 class ProxyProcess:
     def __init__(self, workdir: Path, policy: str | None, *extra_args: str,
                  env: dict[str, str] | None = None, listen: str = "127.0.0.1:0",
-                 prefix: tuple[str, ...] = ()) -> None:
+                 prefix: tuple[str, ...] = (), python_options: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.extra_env = env or {}
         workdir.mkdir(parents=True, exist_ok=True)
@@ -26,7 +26,8 @@ class ProxyProcess:
         self.policy_path = workdir / "policy.toml"
         self.socket_path = workdir / "approvals.sock"
         self.host = listen.rpartition(":")[0]
-        args = [*prefix, sys.executable, "-m", "agent_egress.proxy", "serve", "--listen", listen,
+        args = [*prefix, sys.executable, *python_options, "-m", "agent_egress.proxy", "serve",
+                "--listen", listen,
                 "--audit-log", str(self.audit_path), "--approval-socket", str(self.socket_path)]
         if policy is not None:
             self.policy_path.write_text(policy)

@@ -1,0 +1,55 @@
+"""mitmproxy's master with only the addons a forward proxy needs.
+
+Importing any `mitmproxy.addons.X` first runs `mitmproxy/addons/__init__.py`, which imports
+all ~35 default addons for `default_addons()` and, through them, Flask, Jinja2, Werkzeug and
+ldap3: about 13 MiB of resident memory per proxy for code `serve` never calls. Only
+mitmproxy's own tools (mitmdump, mitmweb, mitmproxy) call `default_addons()`, and `serve`
+never imports them, so the package is registered without running that file; its submodules
+import as usual. Where the full package is already loaded (a test process, say), it is used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+
+def _register_without_init(name: str) -> None:
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImportError(f"{name} is not an installed package")
+    package = importlib.util.module_from_spec(spec)  # __path__ set, __init__ not executed
+    sys.modules[name] = package
+    setattr(sys.modules[name.rpartition(".")[0]], name.rpartition(".")[2], package)
+
+
+_register_without_init("mitmproxy.addons")
+
+# These need the registration above (mitmproxy.master imports mitmproxy.addons too).
+from mitmproxy import master, options  # noqa: E402
+from mitmproxy.addons import (  # noqa: E402
+    block,
+    core,
+    disable_h2c,
+    errorcheck,
+    next_layer,
+    proxyserver,
+    tlsconfig,
+)
+
+
+def lean_master(opts: options.Options) -> master.Master:
+    """mitmproxy with only the addons a forward proxy needs.
+
+    mitmdump loads ~35 addons (replay, scripts, header rewriting, HAR export...), and every
+    hook of every request visits each of them; on this hot path that dispatch costs more than
+    the policy itself. Block (refuse clients from public addresses), DisableH2C and TlsConfig
+    are kept for the protections they give.
+    """
+    proxy = master.Master(opts, with_termlog=True)
+    proxy.addons.add(core.Core(), block.Block(), disable_h2c.DisableH2C(),
+                     proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
+                     errorcheck.ErrorCheck())
+    return proxy
