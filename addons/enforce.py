@@ -6,6 +6,7 @@ upstream. An allowed one has its upstream resolved, checked and pinned before an
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -230,7 +231,8 @@ class Enforcer:
                 refusal = Decision(Action.DENY, reason, decision.host, port, decision.rule,
                                    resolution.refusal, decision.layer)
             if resolution.addresses:
-                address = str(resolution.addresses[0])
+                # One string per address, however many requests and idle tunnels hold it.
+                address = sys.intern(str(resolution.addresses[0]))
                 self.pinning.pin(flow.client_conn, host, port, address)
         if address is not None:
             # Connect to exactly the checked address: no second lookup for rebinding to use.

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from agent_egress.policy import CompiledPolicy, normalize_host
 from agent_egress.policy.hosts import IPAddress
@@ -26,18 +27,30 @@ class Resolution:
     dns_failed: bool = False
 
 
-class Pin(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """One checked upstream of a client connection, linked to the connection's earlier pins.
+
+    A connection pins one upstream per (host, port) it reaches: one for a tunnel, a few for a
+    keep-alive plain-HTTP client. A short chain is scanned faster than dictionaries are built,
+    and it is what every idle tunnel holds, so it is kept to one small object per pin.
+    """
+
     name: str  # normalised host name
     port: int
     address: str  # the checked address, as the request now targets it
+    earlier: Pin | None = None
+
+    def chain(self) -> Iterator[Pin]:
+        pin: Pin | None = self
+        while pin is not None:
+            yield pin
+            pin = pin.earlier
 
 
 class UpstreamPinning:
     def __init__(self) -> None:
-        # client connection id -> its pins. A connection pins one upstream per (host, port) it
-        # reached: one for a tunnel, a few for a keep-alive plain-HTTP client, so a scan of a
-        # tuple is cheaper than dictionaries, and it is held for every idle tunnel.
-        self._pins: dict[str, tuple[Pin, ...]] = {}
+        self._pins: dict[str, Pin] = {}  # client connection id -> its latest pin
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -71,24 +84,28 @@ class UpstreamPinning:
             return Resolution(addresses, f"{target.name} resolves to {refusal}")
         return Resolution(addresses)
 
+    def _chain(self, client: connection.Client) -> Iterator[Pin]:
+        latest = self._pins.get(client.id)
+        return latest.chain() if latest is not None else iter(())
+
     def pin(self, client: connection.Client, host: str, port: int, address: str) -> None:
         """Remember the checked address for (host, port) on this client connection."""
         name = normalize_host(host).name
-        kept = tuple(pin for pin in self._pins.get(client.id, ())
-                     if (pin.name, pin.port) != (name, port))
-        self._pins[client.id] = (*kept, Pin(name, port, address))
+        earlier = None
+        for pin in reversed([p for p in self._chain(client) if (p.name, p.port) != (name, port)]):
+            earlier = Pin(pin.name, pin.port, pin.address, earlier)
+        self._pins[client.id] = Pin(name, port, address, earlier)
 
     def pinned(self, client: connection.Client, host: str, port: int) -> str | None:
-        pins = self._pins.get(client.id)
-        if pins is None:
+        if client.id not in self._pins:
             return None
         name = normalize_host(host).name
-        return next((pin.address for pin in pins if pin.name == name and pin.port == port),
-                    None)
+        return next((pin.address for pin in self._chain(client)
+                     if pin.name == name and pin.port == port), None)
 
     def name_for(self, client: connection.Client, address: str, port: int) -> str | None:
         """The host name a pinned address stands for on this client connection."""
-        return next((pin.name for pin in self._pins.get(client.id, ())
+        return next((pin.name for pin in self._chain(client)
                      if pin.address == address and pin.port == port), None)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:

@@ -6,6 +6,7 @@ SNI names the host the CONNECT was allowed for (domain fronting otherwise), then
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,20 @@ class Tunnel:
         return f"{self.peer[0]}:{self.peer[1]}" if self.peer else ""
 
 
+class _EventQueue(list):
+    """The queue a layer keeps events in while it waits for a command's reply.
+
+    mitmproxy gives every layer a deque (about 600 bytes, held for the layer's life). The
+    relay waits only while its upstream connection opens, for an event or two, so an empty
+    list (56 bytes) does: it is what every idle tunnel holds.
+    """
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
 class CountingPassthrough(layers.TCPLayer):
     """mitmproxy's TCP relay without a flow object, counting bytes for the tunnel event."""
 
@@ -49,6 +64,9 @@ class CountingPassthrough(layers.TCPLayer):
     def __init__(self, context: Any, tunnel: Tunnel) -> None:
         super().__init__(context, ignore=True)
         self.tunnel = tunnel
+        queue = getattr(self, "_paused_event_queue", None)
+        if isinstance(queue, collections.deque) and not queue:  # as mitmproxy 12 builds it
+            self._paused_event_queue = _EventQueue()
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.DataReceived):

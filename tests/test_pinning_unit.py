@@ -36,7 +36,8 @@ def test_a_new_pin_for_the_same_destination_replaces_the_old_one() -> None:
     pinning.pin(client, "example.com", 443, "192.0.2.20")
     assert pinning.pinned(client, "example.com", 443) == "192.0.2.20"
     assert pinning.name_for(client, "192.0.2.10", 443) is None
-    assert pinning._pins[client.id] == (("example.com", 443, "192.0.2.20"),)
+    assert [(p.name, p.port, p.address) for p in pinning._pins[client.id].chain()] == [
+        ("example.com", 443, "192.0.2.20")]
 
 
 def test_only_pinned_upstreams_may_connect_and_pins_end_with_the_client() -> None:

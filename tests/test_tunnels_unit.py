@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ssl
 
 from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.tunnels import CloseClient, CountingPassthrough, Tunnel, Tunnels
 from mitmproxy import options
-from mitmproxy.proxy import events, layer, layers
+from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
 from mitmproxy.test import tflow
 
@@ -77,3 +78,23 @@ def test_partial_client_hello_waits_for_more() -> None:
     tunnels.next_layer(nextlayer)
     assert nextlayer.layer is None
     assert [type(x) for x in nextlayer.context.layers] == []
+
+
+def test_relay_replays_what_arrived_while_its_upstream_opened() -> None:
+    context = Context(tflow.tclient_conn(), options.Options())
+    context.server.address = ("192.0.2.10", 443)
+    tunnel = Tunnel(("127.0.0.1", 1), "allowed.test", 443)
+    relay = CountingPassthrough(context, tunnel)
+    assert not isinstance(relay._paused_event_queue, collections.deque)  # the small queue
+    (opening,) = relay.handle_event(events.Start())
+    assert isinstance(opening, commands.OpenConnection)
+    assert list(relay.handle_event(events.DataReceived(context.client, b"first"))) == []
+    assert list(relay.handle_event(events.DataReceived(context.client, b"second"))) == []
+    sent = list(relay.handle_event(events.OpenConnectionCompleted(opening, None)))
+    assert [(type(c), c.connection, c.data) for c in sent] == [
+        (commands.SendData, context.server, b"first"),
+        (commands.SendData, context.server, b"second")]
+    (answer,) = relay.handle_event(events.DataReceived(context.server, b"answer"))
+    assert (type(answer), answer.connection, answer.data) == (
+        commands.SendData, context.client, b"answer")
+    assert (tunnel.bytes_up, tunnel.bytes_down) == (11, 6)
