@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_egress.policy import (
     Action,
@@ -28,6 +28,9 @@ from agent_egress.policy.presets import presets
 from . import approval_cli, launch
 from .approval_client import ApprovalClient, ApprovalClientError
 from .paths import default_socket_path
+
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
 
 EXIT_OK, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
 
@@ -324,6 +327,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
+
+    refusal, telemetry = _serve_preflight(args)
+    if refusal is not None:
+        return refusal
+    host, port = args.listen
+    return serve(listen_host=host, listen_port=port, policy_file=_config(args),
+                 managed_file=_managed(args), telemetry=telemetry,
+                 audit_log=args.audit_log, resolve=args.resolve,
+                 socket_path=args.approval_socket or default_socket_path(),
+                 approver_uids=args.approver_uid, extra={"dns_timeout": args.dns_timeout})
+
+
+def _serve_preflight(args: argparse.Namespace) -> tuple[int | None, Telemetry | None]:
+    """Everything that must hold before a proxy starts: (exit status, None) if it must not.
+
+    What is loaded here to check it is let go before `serve` loads the policy for itself: a
+    large policy would otherwise be held twice for the proxy's whole life.
+    """
     from .telemetry import Telemetry, TelemetryConfigError, telemetry_config
 
     config, managed = _config(args), _managed(args)
@@ -341,25 +362,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if refuse:
             print("  refusing to start (requirements.protected_file = true); make the file and "
                   "its directory root-owned and not group/other-writable", file=sys.stderr)
-            return EXIT_USAGE
+            return EXIT_USAGE, None
     try:
-        config_file = read_policy_file(config) if config else None
-        managed_parsed = read_policy_file(managed) if managed else None
-        telemetry_settings = telemetry_config(config_file, managed_parsed,
-                                              policy.settings.telemetry_required)
+        telemetry_settings = telemetry_config(
+            read_policy_file(config) if config else None,
+            read_policy_file(managed) if managed else None,
+            policy.settings.telemetry_required)
     except TelemetryConfigError as exc:
         print(f"agent-egress: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    telemetry = Telemetry(telemetry_settings) if telemetry_settings.enabled else None
-    if telemetry is not None:
-        print(f"telemetry: OTLP {telemetry_settings.protocol} to "
-              f"{telemetry_settings.endpoint or 'the default endpoint'}", file=sys.stderr)
-    host, port = args.listen
-    return serve(listen_host=host, listen_port=port, policy_file=config, managed_file=managed,
-                 telemetry=telemetry,
-                 audit_log=args.audit_log, resolve=args.resolve,
-                 socket_path=args.approval_socket or default_socket_path(),
-                 approver_uids=args.approver_uid, extra={"dns_timeout": args.dns_timeout})
+        return EXIT_USAGE, None
+    if not telemetry_settings.enabled:
+        return None, None
+    print(f"telemetry: OTLP {telemetry_settings.protocol} to "
+          f"{telemetry_settings.endpoint or 'the default endpoint'}", file=sys.stderr)
+    return None, Telemetry(telemetry_settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
