@@ -125,7 +125,7 @@ class Proxy:
                 self.process.wait()
 
 
-def egress_policy(ports: list[int], extra_rules: int = 0, default: str = "deny") -> str:
+def egress_policy(ports: list[int], extra_rules: int = 0, default: str = "ask") -> str:
     rules = ",\n".join(f'  "site{i}.example{i % 97}.com"' for i in range(extra_rules))
     return (f'version = 1\npresets = ["package-registries", "github", "docs"]\n'
             f'[network]\ndefault = "{default}"\nallow = [\n  "localhost",\n{rules}\n]\n'
@@ -383,11 +383,13 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     try:
         start_rss = {proxy.name: proxy.rss_mib() for proxy in proxies}
-        # Proxies take turns within each round, so a slow spell of the machine hits all of
-        # them; each figure is the median over the rounds.
+        # Proxies take turns within each round, each round starting one further along, so a
+        # slow spell of the machine or an effect of going after another proxy is spread over
+        # all of them; each figure is the median over the rounds.
         speed: dict[str, list[dict[str, float]]] = {proxy.name: [] for proxy in proxies}
         for round_number in range(1, args.rounds + 1):
-            for proxy in proxies:
+            shift = (round_number - 1) % len(proxies)
+            for proxy in proxies[shift:] + proxies[:shift]:
                 print(f"round {round_number}/{args.rounds}: {proxy.name} ...", file=sys.stderr,
                       flush=True)
                 speed[proxy.name].append(asyncio.run(measure_speed(
