@@ -33,6 +33,10 @@ import trustme
 HERE = Path(__file__).resolve()
 BULK_BYTES = 64 * 2**20
 HOST = "localhost"
+FIGURES = ("tunnels_per_s_c1", "tunnel_p50_ms_c1", "tunnel_p99_ms_c1", "tunnels_per_s_c50",
+           "tunnel_p50_ms_c50", "tunnel_p99_ms_c50", "http_req_per_s_c10", "bulk_mb_per_s",
+           "rss_mib_start", "rss_mib_1000_idle_tunnels", "kib_per_idle_tunnel",
+           "rss_mib_200_held")
 
 
 # -- origins (run in their own process) -------------------------------------------------------
@@ -274,7 +278,9 @@ async def bulk(proxy: Proxy, tls_port: int, context: ssl.SSLContext, seconds: fl
 
 
 async def idle_tunnels(proxy: Proxy, tls_port: int, context: ssl.SSLContext,
-                       count: int) -> float:
+                       count: int) -> tuple[float, float]:
+    """RSS with `count` idle TLS tunnels open, and what each added (KiB)."""
+    before = proxy.rss_mib()
     opened = []
     semaphore = asyncio.Semaphore(50)
 
@@ -287,7 +293,8 @@ async def idle_tunnels(proxy: Proxy, tls_port: int, context: ssl.SSLContext,
     rss = proxy.rss_mib()
     for _, writer in opened:
         writer.close()
-    return rss
+    await asyncio.sleep(1)
+    return rss, (rss - before) * 1024 / count
 
 
 async def held_approvals(proxy: Proxy, tls_port: int, count: int) -> float:
@@ -321,7 +328,8 @@ async def measure_speed(proxy: Proxy, ports: tuple[int, int], context: ssl.SSLCo
 
 async def measure_memory(proxy: Proxy, tls_port: int, context: ssl.SSLContext
                          ) -> dict[str, float]:
-    figures = {"rss_mib_1000_idle_tunnels": await idle_tunnels(proxy, tls_port, context, 1000)}
+    rss, per_tunnel = await idle_tunnels(proxy, tls_port, context, 1000)
+    figures = {"rss_mib_1000_idle_tunnels": rss, "kib_per_idle_tunnel": per_tunnel}
     if proxy.name.startswith("agent-egress"):
         figures["rss_mib_200_held"] = await held_approvals(proxy, tls_port, 200)
     return figures
@@ -332,9 +340,7 @@ def median_figures(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 
 def render(results: dict[str, dict[str, float]]) -> str:
-    metrics = sorted({key for figures in results.values() for key in figures},
-                     key=lambda k: list(next(iter(results.values()))).index(k)
-                     if k in next(iter(results.values())) else 99)
+    metrics = [key for key in FIGURES if any(key in figures for figures in results.values())]
     names = list(results)
     lines = [f"{'figure':<28}" + "".join(f"{n:>19}" for n in names)]
     for metric in metrics:
@@ -380,9 +386,15 @@ def main() -> None:
     assert origin.stdout is not None and origin.stdout.readline().strip() == "ready"
     names = set(args.only.split(","))
     proxies = start_proxies(workdir, [80, 443, plain_port, tls_port], names)
-    results: dict[str, dict[str, float]] = {}
     try:
-        start_rss = {proxy.name: proxy.rss_mib() for proxy in proxies}
+        # Memory first, on fresh processes: after the load rounds the heap's high-water mark
+        # would hide what idle tunnels and held approvals cost.
+        memory: dict[str, dict[str, float]] = {proxy.name: {} for proxy in proxies}
+        for proxy in proxies:
+            if proxy.process is not None:
+                print(f"memory: {proxy.name} ...", file=sys.stderr, flush=True)
+                memory[proxy.name] = {"rss_mib_start": proxy.rss_mib(),
+                                      **asyncio.run(measure_memory(proxy, tls_port, context))}
         # Proxies take turns within each round, each round starting one further along, so a
         # slow spell of the machine or an effect of going after another proxy is spread over
         # all of them; each figure is the median over the rounds.
@@ -394,13 +406,8 @@ def main() -> None:
                       flush=True)
                 speed[proxy.name].append(asyncio.run(measure_speed(
                     proxy, (plain_port, tls_port), context, args.seconds)))
-        for proxy in proxies:
-            results[proxy.name] = median_figures(speed[proxy.name])
-            if proxy.process is not None:
-                print(f"memory: {proxy.name} ...", file=sys.stderr, flush=True)
-                results[proxy.name]["rss_mib_start"] = start_rss[proxy.name]
-                results[proxy.name].update(asyncio.run(measure_memory(proxy, tls_port, context)))
-            proxy.stop()
+        results = {proxy.name: {**median_figures(speed[proxy.name]), **memory[proxy.name]}
+                   for proxy in proxies}
     finally:
         for proxy in proxies:
             proxy.stop()
