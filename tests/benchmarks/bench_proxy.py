@@ -36,7 +36,7 @@ HOST = "localhost"
 FIGURES = ("tunnels_per_s_c1", "tunnel_p50_ms_c1", "tunnel_p99_ms_c1", "tunnels_per_s_c50",
            "tunnel_p50_ms_c50", "tunnel_p99_ms_c50", "http_req_per_s_c10", "bulk_mb_per_s",
            "rss_mib_start", "rss_mib_1000_idle_tunnels", "kib_per_idle_tunnel",
-           "rss_mib_200_held")
+           "rss_mib_200_held", "kib_per_held_approval")
 
 
 # -- origins (run in their own process) -------------------------------------------------------
@@ -278,36 +278,27 @@ async def bulk(proxy: Proxy, tls_port: int, context: ssl.SSLContext, seconds: fl
 
 
 async def idle_tunnels(proxy: Proxy, tls_port: int, context: ssl.SSLContext,
-                       count: int) -> tuple[float, float]:
-    """RSS with `count` idle TLS tunnels open, and what each added (KiB)."""
-    before = proxy.rss_mib()
-    opened = []
+                       count: int) -> list[asyncio.StreamWriter]:
+    """`count` TLS tunnels, handshake done, left open and idle."""
+    opened: list[asyncio.StreamWriter] = []
     semaphore = asyncio.Semaphore(50)
 
     async def one() -> None:
         async with semaphore:
-            opened.append(await open_tunnel(proxy, tls_port, context))
+            opened.append((await open_tunnel(proxy, tls_port, context))[1])
 
     await asyncio.gather(*(one() for _ in range(count)))
-    await asyncio.sleep(1)
-    rss = proxy.rss_mib()
-    for _, writer in opened:
-        writer.close()
-    await asyncio.sleep(1)
-    return rss, (rss - before) * 1024 / count
+    return opened
 
 
-async def held_approvals(proxy: Proxy, tls_port: int, count: int) -> float:
+async def held_approvals(proxy: Proxy, tls_port: int, count: int) -> list[asyncio.StreamWriter]:
+    """`count` CONNECTs to hosts no rule covers, waiting for a person's decision."""
     writers = []
     for index in range(count):
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         writer.write(f"CONNECT held{index}.example:{tls_port} HTTP/1.1\r\n\r\n".encode())
         writers.append(writer)
-    await asyncio.sleep(2)
-    rss = proxy.rss_mib()
-    for writer in writers:
-        writer.close()
-    return rss
+    return writers
 
 
 async def measure_speed(proxy: Proxy, ports: tuple[int, int], context: ssl.SSLContext,
@@ -328,15 +319,29 @@ async def measure_speed(proxy: Proxy, ports: tuple[int, int], context: ssl.SSLCo
 
 async def measure_memory(proxy: Proxy, tls_port: int, context: ssl.SSLContext
                          ) -> dict[str, float]:
-    rss, per_tunnel = await idle_tunnels(proxy, tls_port, context, 1000)
-    figures = {"rss_mib_1000_idle_tunnels": rss, "kib_per_idle_tunnel": per_tunnel}
+    """RSS with 1,000 idle tunnels, then with 200 held approvals on top, and the cost of each
+    (KiB). The first request is made before the baseline: what it loads is not per tunnel."""
+    figures = {"rss_mib_start": proxy.rss_mib()}
+    await tunnel_request(proxy, tls_port, context)
+    baseline = proxy.rss_mib()
+    writers = await idle_tunnels(proxy, tls_port, context, 1000)
+    await asyncio.sleep(1)
+    figures["rss_mib_1000_idle_tunnels"] = proxy.rss_mib()
+    figures["kib_per_idle_tunnel"] = (figures["rss_mib_1000_idle_tunnels"] - baseline) * 1024 / 1000
     if proxy.name.startswith("agent-egress"):
-        figures["rss_mib_200_held"] = await held_approvals(proxy, tls_port, 200)
+        writers += await held_approvals(proxy, tls_port, 200)
+        await asyncio.sleep(2)
+        figures["rss_mib_200_held"] = proxy.rss_mib()
+        figures["kib_per_held_approval"] = (
+            figures["rss_mib_200_held"] - figures["rss_mib_1000_idle_tunnels"]) * 1024 / 200
+    for writer in writers:
+        writer.close()
+    await asyncio.sleep(1)
     return figures
 
 
 def median_figures(rounds: list[dict[str, float]]) -> dict[str, float]:
-    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]} if rounds else {}
 
 
 def render(results: dict[str, dict[str, float]]) -> str:
@@ -365,7 +370,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--seconds", type=float, default=3.0, help="per load measurement")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of the speed figures (each figure: the median)")
+                        help="rounds of the speed figures (each figure: the median; 0: memory "
+                             "figures only)")
     parser.add_argument("--json", default="bench_proxy.json", help="where to write figures")
     parser.add_argument("--only", default="direct,mitmdump,agent-egress,agent-egress 100k,"
                                           "squid,tinyproxy",
@@ -393,8 +399,7 @@ def main() -> None:
         for proxy in proxies:
             if proxy.process is not None:
                 print(f"memory: {proxy.name} ...", file=sys.stderr, flush=True)
-                memory[proxy.name] = {"rss_mib_start": proxy.rss_mib(),
-                                      **asyncio.run(measure_memory(proxy, tls_port, context))}
+                memory[proxy.name] = asyncio.run(measure_memory(proxy, tls_port, context))
         # Proxies take turns within each round, each round starting one further along, so a
         # slow spell of the machine or an effect of going after another proxy is spread over
         # all of them; each figure is the median over the rounds.
