@@ -91,8 +91,9 @@ class UpstreamPinning:
     def pin(self, client: connection.Client, host: str, port: int, address: str) -> None:
         """Remember the checked address for (host, port) on this client connection."""
         name = normalize_host(host).name
-        earlier = None
-        for pin in reversed([p for p in self._chain(client) if (p.name, p.port) != (name, port)]):
+        kept = [pin for pin in self._chain(client) if (pin.name, pin.port) != (name, port)]
+        earlier = None  # pins are immutable: relink the ones kept, oldest first
+        for pin in reversed(kept):
             earlier = Pin(pin.name, pin.port, pin.address, earlier)
         self._pins[client.id] = Pin(name, port, address, earlier)
 
