@@ -89,17 +89,15 @@ class UpstreamPinning:
         return latest.chain() if latest is not None else iter(())
 
     def pin(self, client: connection.Client, host: str, port: int, address: str) -> None:
-        """Remember the checked address for (host, port) on this client connection."""
-        name = normalize_host(host).name
-        kept = [pin for pin in self._chain(client) if (pin.name, pin.port) != (name, port)]
-        earlier = None  # pins are immutable: relink the ones kept, oldest first
-        for pin in reversed(kept):
-            earlier = Pin(pin.name, pin.port, pin.address, earlier)
-        self._pins[client.id] = Pin(name, port, address, earlier)
+        """Remember the checked address for (host, port) on this client connection.
+
+        The enforcer pins only what `pinned` does not know yet; a newer pin for the same
+        (host, port) would be found first anyway.
+        """
+        self._pins[client.id] = Pin(normalize_host(host).name, port, address,
+                                    self._pins.get(client.id))
 
     def pinned(self, client: connection.Client, host: str, port: int) -> str | None:
-        if client.id not in self._pins:
-            return None
         name = normalize_host(host).name
         return next((pin.address for pin in self._chain(client)
                      if pin.name == name and pin.port == port), None)

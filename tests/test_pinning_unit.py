@@ -30,14 +30,13 @@ def test_pins_are_per_client_and_per_host_and_port() -> None:
     assert pinning.name_for(other, "192.0.2.10", 443) is None
 
 
-def test_a_new_pin_for_the_same_destination_replaces_the_old_one() -> None:
+def test_the_newest_pin_for_a_destination_is_the_one_used() -> None:
     pinning, client = UpstreamPinning(), tflow.tclient_conn()
     pinning.pin(client, "example.com", 443, "192.0.2.10")
     pinning.pin(client, "example.com", 443, "192.0.2.20")
     assert pinning.pinned(client, "example.com", 443) == "192.0.2.20"
-    assert pinning.name_for(client, "192.0.2.10", 443) is None
-    assert [(p.name, p.port, p.address) for p in pinning._pins[client.id].chain()] == [
-        ("example.com", 443, "192.0.2.20")]
+    assert [pin.address for pin in pinning._pins[client.id].chain()] == [
+        "192.0.2.20", "192.0.2.10"]
 
 
 def test_only_pinned_upstreams_may_connect_and_pins_end_with_the_client() -> None:

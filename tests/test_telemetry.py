@@ -182,4 +182,3 @@ def test_managed_policy_can_require_telemetry(tmp_path, http_receiver, plain_ori
                                  if not k.startswith("OTEL_")})
     assert result.returncode == 2
     assert "requires telemetry (telemetry_required) but no OTLP endpoint" in result.stderr
-
