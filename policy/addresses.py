@@ -1,8 +1,9 @@
 """Which addresses an upstream may not be: loopback, private, metadata and the like.
 
 Checked after DNS, on every address a name resolves to, and on IP literals. IPv6 forms that
-carry an IPv4 address (IPv4-mapped, IPv4-compatible, NAT64, 6to4, Teredo) are judged by the
-IPv4 address they reach, so ``[::ffff:169.254.169.254]`` is as blocked as the plain form.
+carry an IPv4 address (IPv4-mapped, SIIT's IPv4-translated, IPv4-compatible, NAT64 and local-use
+NAT64, 6to4, Teredo) are judged by the IPv4 address they reach, so ``[::ffff:169.254.169.254]``
+is as blocked as the plain form.
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ _BLOCKED_V6: tuple[tuple[ipaddress.IPv6Network, str], ...] = (
     (_V6("fe80::/10"), "link-local"),
     (_V6("fec0::/10"), "site-local (deprecated)"),
     (_V6("ff00::/8"), "multicast"),
-    (_V6("64:ff9b:1::/48"), "local-use NAT64"),
     (_V6("100::/64"), "discard-only"),
 )
 _NAT64 = _V6("64:ff9b::/96")
+# RFC 8215: an operator's own translator. The /96 layout (address in the last 32 bits) is the
+# one in use; whatever it carries, the prefix itself is never a public upstream.
+_LOCAL_NAT64 = _V6("64:ff9b:1::/48")
+_IPV4_TRANSLATED = _V6("::ffff:0:0:0/96")  # SIIT (RFC 7915)
 _IPV4_COMPATIBLE = _V6("::/96")
 _SIX_TO_FOUR = _V6("2002::/16")
 
@@ -50,8 +54,12 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address
     """The IPv4 address an IPv6 address reaches through a translation mechanism, if any."""
     if ip.ipv4_mapped is not None:
         return "IPv4-mapped", ip.ipv4_mapped
+    if ip in _IPV4_TRANSLATED:
+        return "IPv4-translated", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip in _NAT64:
         return "NAT64", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _LOCAL_NAT64:
+        return "local-use NAT64", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip in _IPV4_COMPATIBLE and int(ip) > 1:
         return "IPv4-compatible", ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip in _SIX_TO_FOUR:
@@ -73,7 +81,9 @@ def non_public_reason(ip: IPAddress) -> str | None:
     if embedded is not None:
         form, ip4 = embedded
         inner = non_public_reason(ip4)
-        return f"{form} form of a {inner} address" if inner else None
+        if inner:
+            return f"{form} form of a {inner} address"
+        return "local-use NAT64" if ip in _LOCAL_NAT64 else None
     for network, reason in _BLOCKED_V6:
         if ip in network:
             return reason

@@ -14,7 +14,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import NamedTuple
 
-from .addresses import in_networks, non_public_reason
+from .addresses import embedded_ipv4, in_networks, non_public_reason
 from .errors import InvalidHost
 from .hosts import Host, IPAddress, normalize_host
 from .patterns import Kind, Pattern
@@ -46,6 +46,14 @@ class Reason(StrEnum):
     APPROVED = "approved"
     DENIED_BY_APPROVER = "denied_by_approver"
     APPROVAL_TIMEOUT = "approval_timeout"
+    APPROVAL_QUEUE_FULL = "approval_queue_full"
+    TUNNEL_PROTOCOL = "tunnel_protocol"  # bytes in a tunnel that are not what the rule allows
+    PROXY_PROTOCOL = "proxy_protocol"  # something other than HTTP/1 spoken to the proxy port
+    INVALID_AGENT = "invalid_agent"
+    REQUEST_HEAD_TOO_LARGE = "request_head_too_large"
+    HEADER_TIMEOUT = "header_timeout"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    INTERNAL_ERROR = "internal_error"  # a fault in the proxy: refused, never let through
 
 
 class Rule(NamedTuple):
@@ -56,6 +64,11 @@ class Rule(NamedTuple):
     source: str  # file the rule is in, or "preset NAME via FILE"
     index: int  # position in its list
     layer: str = "user"  # "managed" or "user"
+    list_name: str = ""  # the policy key it is listed under, when not network.allow/deny
+
+    @property
+    def key(self) -> str:
+        return f"network.{self.list_name or self.action.value}[{self.index}]"
 
     @property
     def text(self) -> str:
@@ -65,7 +78,7 @@ class Rule(NamedTuple):
     def origin(self) -> str:
         if self.source.startswith("preset "):
             return f"{self.source} ({self.layer})"
-        return f"{self.source} ({self.layer}): network.{self.action.value}[{self.index}]"
+        return f"{self.source} ({self.layer}): {self.key}"
 
 
 class Decision(NamedTuple):
@@ -226,11 +239,19 @@ class RuleIndex:
                 return False
             candidate = candidate[dot + 1 :]
 
-    def match_ip(self, ip: IPAddress, port: int) -> Rule | None:
-        """Most specific CIDR rule for an address (IPv4-mapped IPv6 also as its IPv4 form)."""
+    def match_ip(self, ip: IPAddress, port: int, *, see_through: bool = False) -> Rule | None:
+        """Most specific CIDR rule for an address, IPv4-mapped IPv6 also as its IPv4 form.
+
+        ``see_through`` (deny rules) also matches every other IPv6 form that carries an IPv4
+        address (NAT64, SIIT, 6to4...): another route to a denied network is still denied,
+        while an allow rule is never widened to another route.
+        """
         candidates: list[IPAddress] = [ip]
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            candidates.insert(0, ip.ipv4_mapped)
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                candidates.insert(0, ip.ipv4_mapped)
+            elif see_through and (embedded := embedded_ipv4(ip)) is not None:
+                candidates.insert(0, embedded[1])
         for candidate in candidates:
             bits = candidate.max_prefixlen
             value = int(candidate)
@@ -257,6 +278,10 @@ class Settings:
     managed_allowed_domains_only: bool = False
     telemetry_required: bool = False
     identity: tuple[tuple[IPNetwork, str], ...] = ()  # most specific network first
+    header_timeout: float = 30.0  # seconds a client may take to send a request head
+    max_connections_per_client: int = 256
+    max_pending: int = 100  # held approvals, all agents together
+    max_pending_per_agent: int = 20
 
     def agent_for(self, address: IPAddress) -> str | None:
         """The configured agent name for a client address, if any."""
@@ -275,12 +300,14 @@ class Layer(NamedTuple):
     deny: RuleIndex
     allow_rules: tuple[Rule, ...]  # as written, in file order: for `policy show`
     deny_rules: tuple[Rule, ...]
+    raw_tcp: RuleIndex  # destinations whose tunnels may carry bytes that are neither TLS nor HTTP
+    raw_tcp_rules: tuple[Rule, ...] = ()
 
     @classmethod
     def build(cls, name: str, source: str, allow: Sequence[Rule],
-              deny: Sequence[Rule]) -> Layer:
+              deny: Sequence[Rule], raw_tcp: Sequence[Rule] = ()) -> Layer:
         return cls(name, source, RuleIndex.build(allow), RuleIndex.build(deny), tuple(allow),
-                   tuple(deny))
+                   tuple(deny), RuleIndex.build(raw_tcp), tuple(raw_tcp))
 
 
 _CACHE_LIMIT = 65536
@@ -370,7 +397,7 @@ class CompiledPolicy:
     def _decide_ip(self, host: Host, port: int) -> Decision:
         assert host.ip is not None
         for layer in self.layers:
-            if rule := layer.deny.match_ip(host.ip, port):
+            if rule := layer.deny.match_ip(host.ip, port, see_through=True):
                 return Decision(Action.DENY, Reason.DENYLIST, host.name, port, rule,
                                 layer=layer.name)
         if not self.settings.allow_ip_literals:
@@ -398,12 +425,29 @@ class CompiledPolicy:
         verdicts = []
         for layer in self.layers:
             if normal.ip is not None:
-                verdicts.append((layer, layer.deny.match_ip(normal.ip, port),
+                verdicts.append((layer, layer.deny.match_ip(normal.ip, port, see_through=True),
                                  layer.allow.match_ip(normal.ip, port)))
             else:
                 verdicts.append((layer, layer.deny.match_name(normal.name, port),
                                  layer.allow.match_name(normal.name, port)))
         return verdicts
+
+    def raw_tcp_rule(self, host: str, port: int) -> Rule | None:
+        """The `network.raw_tcp` rule that lets a tunnel to this destination carry raw TCP.
+
+        Only consulted for a tunnel the domain rules already allowed: it never widens them.
+        """
+        try:
+            normal = normalize_host(host)
+        except InvalidHost:
+            return None
+        for layer in self._allow_layers:
+            index = layer.raw_tcp
+            rule = (index.match_ip(normal.ip, port) if normal.ip is not None
+                    else index.match_name(normal.name, port))
+            if rule is not None:
+                return rule
+        return None
 
     def resolve_override(self, host: str) -> IPAddress | None:
         """The static address configured for a (normalised) host, if any."""

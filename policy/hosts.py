@@ -38,7 +38,8 @@ class Host(NamedTuple):
 def _ends_in_number(host: str) -> bool:
     """WHATWG URL "ends in a number": such a host is parsed as IPv4 or rejected."""
     last = host.rpartition(".")[2]
-    return last.isdigit() or (last[:1] == "0" and bool(_HEX_NUMBER.fullmatch(last)))
+    return (last.isascii() and last.isdigit()) or (
+        last[:1] == "0" and bool(_HEX_NUMBER.fullmatch(last)))
 
 
 def _parse_ipv4_number(part: str) -> int:
@@ -157,6 +158,8 @@ def split_host_port(target: str, default_port: int | None = None) -> tuple[str, 
         host, port_text = target, None
     if port_text is None:
         return host, default_port
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    # ASCII digits only: str.isdigit() also accepts '²' and '٤', which int() then refuses
+    # or reads as another number.
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise InvalidHost(f"{target!r}: port must be a number from 1 to 65535")
     return host, int(port_text)

@@ -48,22 +48,23 @@ class _Violations:
                              .render(self.user.source))
 
 
-def _rules(parsed: ParsedFile, layer: str, action: Action,
-           problems: list[Problem]) -> list[Rule]:
+def _rules(parsed: ParsedFile, layer: str, action: Action, problems: list[Problem],
+           list_name: str = "") -> list[Rule]:
     from .loader import locate
 
     network = parsed.model.network
-    patterns = network.allow if action is Action.ALLOW else network.deny
+    key = list_name or action.value
+    patterns = getattr(network, key)
     rules: list[Rule] = []
     for index, text in enumerate(patterns):
         try:
             parsed_pattern = parse_pattern(text, allow_any=action is Action.ALLOW)
         except InvalidPattern as exc:
-            line = locate(parsed.text, ("network", action.value, index), text)
-            problems.append(Problem(str(exc), key=f"network.{action.value}[{index}]", line=line))
+            line = locate(parsed.text, ("network", key, index), text)
+            problems.append(Problem(str(exc), key=f"network.{key}[{index}]", line=line))
             continue
-        rules.append(Rule(parsed_pattern, action, parsed.source, index, layer))
-    if action is Action.ALLOW:
+        rules.append(Rule(parsed_pattern, action, parsed.source, index, layer, list_name))
+    if action is Action.ALLOW and not list_name:
         for name in parsed.model.presets:
             for index, text in enumerate(presets()[name].allow):
                 rules.append(Rule(parse_pattern(text), action, f"preset {name!r} via "
@@ -71,52 +72,72 @@ def _rules(parsed: ParsedFile, layer: str, action: Action,
     return rules
 
 
-def _compile_layer(parsed: ParsedFile, name: str) -> tuple[list[Rule], list[Rule]]:
+class _CompiledRules(NamedTuple):
+    allow: list[Rule]
+    deny: list[Rule]
+    raw_tcp: list[Rule]
+
+
+def _compile_layer(parsed: ParsedFile, name: str) -> _CompiledRules:
     problems: list[Problem] = []
     allow = _rules(parsed, name, Action.ALLOW, problems)
     deny = _rules(parsed, name, Action.DENY, problems)
+    raw_tcp = _rules(parsed, name, Action.ALLOW, problems, "raw_tcp")
     if problems:
         raise PolicyError(parsed.source, problems)
-    return allow, deny
+    return _CompiledRules(allow, deny, raw_tcp)
 
 
 def compile_layers(user: ParsedFile, managed: ParsedFile | None,
                    resolve: Mapping[str, Any]) -> CompiledPolicy:
     """One CompiledPolicy from the user layer and, when present, the managed layer above it."""
     violations = _Violations(user, managed)
-    requirements = managed.model.requirements if managed else None
     if user.model.requirements is not None:
         violations.add("requirements", "only the managed policy may set [requirements]")
-    user_allow, user_deny = _compile_layer(user, "user")
+    user_rules = _compile_layer(user, "user")
+    user_allow, user_raw_tcp = user_rules.allow, user_rules.raw_tcp
     layers: list[Layer] = []
     if managed is not None:
-        managed_allow, managed_deny = _compile_layer(managed, "managed")
-        managed_layer = Layer.build("managed", managed.source, managed_allow, managed_deny)
+        managed_rules = _compile_layer(managed, "managed")
+        managed_layer = Layer.build("managed", managed.source, managed_rules.allow,
+                                    managed_rules.deny, managed_rules.raw_tcp)
         layers.append(managed_layer)
-        if requirements is not None and not requirements.allowlist_expansion:
-            kept = []
-            for rule in user_allow:
-                if managed_layer.allow.covers(rule.pattern):
-                    kept.append(rule)
-                else:
-                    violations.add(f"network.allow[{rule.index}]",
-                                   f"allow rule {rule.text!r} reaches beyond the managed "
-                                   "allowlist", "allowlist_expansion = false")
-            user_allow = kept
+        user_allow = _bounded_user_rules(user_allow, managed, managed_layer, violations)
+        user_raw_tcp = _bounded_user_rules(user_raw_tcp, managed, managed_layer, violations)
     settings = _effective_settings(user, managed, resolve, violations)
-    if requirements is not None and requirements.allowed_ports is not None:
-        allowed_ports = set(requirements.allowed_ports)
-        kept = []
-        for rule in user_allow:
-            if rule.pattern.port is not None and rule.pattern.port not in allowed_ports:
-                violations.add(f"network.allow[{rule.index}]",
-                               f"allow rule {rule.text!r} names port {rule.pattern.port}",
-                               "allowed_ports")
-            else:
-                kept.append(rule)
-        user_allow = kept
-    layers.append(Layer.build("user", user.source, user_allow, user_deny))
+    layers.append(Layer.build("user", user.source, user_allow, user_rules.deny, user_raw_tcp))
     return CompiledPolicy(layers, settings, violations.messages)
+
+
+def _bounded_user_rules(rules: list[Rule], managed: ParsedFile, managed_layer: Layer,
+                        violations: _Violations) -> list[Rule]:
+    """The user's widening rules that stay inside what the managed layer permits.
+
+    A user rule naming a port is bounded by the managed `network.ports` (when the managed file
+    sets them) and by `requirements.allowed_ports`: otherwise `evil.example:22` in a user file
+    would open a port the administrator closed.
+    """
+    requirements = managed.model.requirements
+    managed_ports = (set(managed.model.network.ports)
+                     if managed.explicitly_set("network", "ports") else None)
+    kept = []
+    for rule in rules:
+        port = rule.pattern.port
+        what = f"{rule.list_name or rule.action.value} rule {rule.text!r}"
+        if requirements is not None and not requirements.allowlist_expansion and (
+                not managed_layer.allow.covers(rule.pattern)):
+            violations.add(rule.key, f"{what} reaches beyond the managed "
+                                     "allowlist", "allowlist_expansion = false")
+        elif port is not None and managed_ports is not None and port not in managed_ports:
+            violations.add(rule.key, f"{what} names port {port}, which is not "
+                                     "in the managed network.ports")
+        elif port is not None and requirements is not None and (
+                requirements.allowed_ports is not None
+                and port not in requirements.allowed_ports):
+            violations.add(rule.key, f"{what} names port {port}", "allowed_ports")
+        else:
+            kept.append(rule)
+    return kept
 
 
 def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
@@ -132,6 +153,7 @@ def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
             allowed_cidrs=tuple(net.allowed_cidrs),
             resolve={**_file_resolve(user), **resolve},
             approval_timeout=user.model.approvals.timeout, mode=user.model.mode,
+            **_limits(user, None, violations),
         )
     m_net = managed.model.network
     req = managed.model.requirements
@@ -162,18 +184,19 @@ def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
             violations.add("network.ports", f"ports {extra} are not allowed", "allowed_ports")
         ports &= set(req.allowed_ports)
 
+    # The managed file's security defaults bind whether it writes them or not: a managed
+    # policy that says nothing about IP literals or private upstreams keeps both refused.
     allow_ip_literals = net.allow_ip_literals
-    if managed_sets("allow_ip_literals") and allow_ip_literals and not m_net.allow_ip_literals:
+    if allow_ip_literals and not m_net.allow_ip_literals:
         violations.add("network.allow_ip_literals", "IP literals are not allowed")
         allow_ip_literals = False
 
-    block_private = net.block_private or (managed_sets("block_private") and
-                                          m_net.block_private)
+    block_private = net.block_private or m_net.block_private
     if not net.block_private and block_private:
         violations.add("network.block_private", "private upstreams stay blocked")
     cidrs = list(m_net.allowed_cidrs)
     for index, network in enumerate(net.allowed_cidrs):
-        if managed_sets("block_private") and m_net.block_private and not any(
+        if m_net.block_private and not any(
                 network.version == m.version and network.subnet_of(m)  # type: ignore[arg-type]
                 for m in m_net.allowed_cidrs):
             violations.add(f"network.allowed_cidrs[{index}]",
@@ -207,7 +230,29 @@ def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
             req.allowed_approval_scopes is not None) else Settings.approval_scopes,
         managed_allowed_domains_only=bool(req and req.managed_allowed_domains_only),
         telemetry_required=bool(req and req.telemetry_required),
+        **_limits(user, managed, violations),
     )
+
+
+_LIMITS = (("network", "header_timeout"), ("network", "max_connections_per_client"),
+           ("approvals", "max_pending"), ("approvals", "max_pending_per_agent"))
+
+
+def _limits(user: ParsedFile, managed: ParsedFile | None,
+            violations: _Violations) -> dict[str, Any]:
+    """Resource limits: the managed value (written or default) is a ceiling the user may only
+    lower, so a user file cannot lift the flood and connection bounds."""
+    limits = {}
+    for table, key in _LIMITS:
+        value = getattr(getattr(user.model, table), key)
+        if managed is not None:
+            ceiling = getattr(getattr(managed.model, table), key)
+            if value > ceiling:
+                violations.add(f"{table}.{key}", f"{key} {value:g} is above the managed "
+                                                 f"limit {ceiling:g}")
+                value = ceiling
+        limits[key] = value
+    return limits
 
 
 def _file_resolve(parsed: ParsedFile) -> dict[str, Any]:

@@ -66,10 +66,15 @@ class NetworkSettings(_Strict):
     allow_ip_literals: bool = False
     block_private: bool = True
     allowed_cidrs: list[IPNetworkValue] = []
+    raw_tcp: list[str] = []  # patterns whose tunnels may carry raw TCP (the host must be allowed)
+    header_timeout: float = Field(default=30.0, gt=0, le=3600)
+    max_connections_per_client: int = Field(default=256, ge=1, le=65536)
 
 
 class ApprovalSettings(_Strict):
     timeout: float = Field(default=120.0, gt=0, le=86400)
+    max_pending: int = Field(default=100, ge=1, le=100000)
+    max_pending_per_agent: int = Field(default=20, ge=1, le=100000)
 
 
 class Requirements(_Strict):

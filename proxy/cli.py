@@ -37,7 +37,7 @@ EXIT_OK, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
 
 def _listen(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
+    if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise argparse.ArgumentTypeError(
             f"{value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080 (port 0 picks a free port)")
     return host.strip("[]"), int(port)

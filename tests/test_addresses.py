@@ -40,6 +40,13 @@ BLOCKED = [
     ("::a9fe:a9fe", "IPv4-compatible form of a link-local"),
     ("2002:7f00:1::1", "6to4 form of a loopback"),
     ("2002:a9fe:a9fe::1", "6to4 form of a link-local"),
+    # SIIT's IPv4-translated form (::ffff:0:0:0/96) and the local-use NAT64 prefix
+    # (64:ff9b:1::/48, RFC 8215) reach the IPv4 address they carry.
+    ("::ffff:0:7f00:1", "IPv4-translated form of a loopback"),
+    ("::ffff:0:a9fe:a9fe", "IPv4-translated form of a link-local (cloud metadata"),
+    ("::ffff:0:a00:1", "IPv4-translated form of a private"),
+    ("64:ff9b:1::7f00:1", "local-use NAT64 form of a loopback"),
+    ("64:ff9b:1::a9fe:a9fe", "local-use NAT64 form of a link-local (cloud metadata"),
 ]
 
 
@@ -59,11 +66,35 @@ def test_public_addresses_pass(address: str) -> None:
     assert non_public_reason(ipaddress.ip_address(address)) is None
 
 
+def test_local_use_nat64_is_never_public() -> None:
+    # An operator's own translator: whatever it carries, it is not a public upstream.
+    assert non_public_reason(ipaddress.ip_address("64:ff9b:1::808:808")) == "local-use NAT64"
+
+
+def test_siit_form_of_a_public_address_is_public() -> None:
+    assert non_public_reason(ipaddress.ip_address("::ffff:0:808:808")) is None
+
+
+@pytest.mark.parametrize("literal", [
+    "203.0.113.7", "[::ffff:203.0.113.7]", "[::ffff:0:cb00:7107]", "[64:ff9b::cb00:7107]",
+    "[64:ff9b:1::cb00:7107]", "[::cb00:7107]", "[2002:cb00:7107::1]",
+])
+def test_deny_cidr_rules_see_through_every_embedded_form(literal: str) -> None:
+    policy = parse_policy('version = 1\n[network]\nallow_ip_literals = true\n'
+                          'allow = ["0.0.0.0/0", "::/0"]\ndeny = ["203.0.113.0/24"]\n', "t.toml")
+    decision = policy.decide(literal, 443)
+    assert decision.action.value == "deny" and decision.reason.value == "denylist", literal
+
+
 def test_embedded_ipv4_forms() -> None:
     assert embedded_ipv4(ipaddress.IPv6Address("::ffff:1.2.3.4")) == (
         "IPv4-mapped", ipaddress.IPv4Address("1.2.3.4"))
     assert embedded_ipv4(ipaddress.IPv6Address("64:ff9b::102:304"))[1] == ipaddress.IPv4Address(
         "1.2.3.4")
+    assert embedded_ipv4(ipaddress.IPv6Address("::ffff:0:102:304")) == (
+        "IPv4-translated", ipaddress.IPv4Address("1.2.3.4"))
+    assert embedded_ipv4(ipaddress.IPv6Address("64:ff9b:1::102:304")) == (
+        "local-use NAT64", ipaddress.IPv4Address("1.2.3.4"))
     assert embedded_ipv4(ipaddress.IPv6Address("2606:4700::1111")) is None
 
 

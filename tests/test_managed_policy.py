@@ -148,6 +148,56 @@ def test_settings_only_tighten() -> None:
     assert len(policy.problems) == 5
 
 
+def test_managed_ports_bound_port_specific_user_rules() -> None:
+    policy = layered("[network]\nports = [443]\n",
+                     net(["evil.example:22", "ok.example:443", "ok.example"],
+                         extra='raw_tcp = ["evil.example:22"]'))
+    assert policy.decide("evil.example", 22).action is Action.DENY
+    assert policy.decide("evil.example", 22).reason.value == "port_not_allowed"
+    assert policy.raw_tcp_rule("evil.example", 22) is None
+    assert policy.decide("ok.example", 443).action is Action.ALLOW
+    messages = "\n".join(policy.problems)
+    assert "allow rule 'evil.example:22' names port 22, which is not in the managed" in messages
+    assert "raw_tcp rule 'evil.example:22' names port 22" in messages
+
+
+def test_managed_port_rules_still_apply() -> None:
+    policy = layered(net(["ssh.corp.example:22"], extra="ports = [443]"), "")
+    assert policy.decide("ssh.corp.example", 22).action is Action.ALLOW
+
+
+@pytest.mark.parametrize("managed", ["", "[network]\ndefault = \"deny\"\n"])
+def test_managed_security_defaults_bind_when_not_written(managed: str) -> None:
+    user = ('[network]\nallow_ip_literals = true\nblock_private = false\n'
+            'allow = ["203.0.113.0/24"]\nallowed_cidrs = ["10.0.0.0/8"]\n')
+    policy = layered(managed, user)
+    assert not policy.settings.allow_ip_literals and policy.settings.block_private
+    assert policy.settings.allowed_cidrs == ()
+    assert policy.decide("203.0.113.5", 443).reason.value == "ip_literal"
+    messages = "\n".join(policy.problems)
+    assert "IP literals are not allowed" in messages
+    assert "private upstreams stay blocked" in messages
+
+
+def test_managed_file_may_loosen_its_own_security_defaults() -> None:
+    policy = layered("[network]\nblock_private = false\nallow_ip_literals = true\n",
+                     "[network]\nblock_private = false\nallow_ip_literals = true\n")
+    assert policy.settings.allow_ip_literals and not policy.settings.block_private
+    assert policy.problems == ()
+
+
+def test_limits_are_managed_ceilings() -> None:
+    policy = layered("[approvals]\nmax_pending = 10\n",
+                     "[approvals]\nmax_pending = 500\nmax_pending_per_agent = 5\n"
+                     "[network]\nheader_timeout = 5\nmax_connections_per_client = 60000\n")
+    settings = policy.settings
+    assert (settings.max_pending, settings.max_pending_per_agent) == (10, 5)
+    assert (settings.header_timeout, settings.max_connections_per_client) == (5, 256)
+    messages = "\n".join(policy.problems)
+    assert "max_pending 500 is above the managed limit 10" in messages
+    assert "max_connections_per_client 60000 is above the managed limit 256" in messages
+
+
 def test_user_file_may_not_set_requirements() -> None:
     policy = layered("", "[requirements]\nallowlist_expansion = true\n")
     assert "only the managed policy may set [requirements]" in policy.problems[0]

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from agent_egress.policy import Action, InvalidHost, Reason, normalize_host, parse_policy
+from agent_egress.policy import (
+    Action,
+    InvalidHost,
+    Reason,
+    normalize_host,
+    parse_policy,
+    split_host_port,
+)
 
 
 def make_policy(allow: list[str], deny: list[str] = (), *, default: str = "deny",
@@ -216,3 +223,10 @@ def test_decisions_are_cached_but_correct_per_port() -> None:
     assert policy.decide("example.com", 8443).action is Action.ALLOW
     assert policy.decide("example.com", 443).action is Action.DENY
     assert policy.decide("example.com", 8443).action is Action.ALLOW
+
+
+@pytest.mark.parametrize("target", ["a.test:²", "a.test:٤٤٣", "a.test:４４３", "a.test:+443",
+                                    "a.test:0", "a.test:65536", "a.test:", "[::1]:²"])
+def test_ports_are_ascii_digits_in_range(target: str) -> None:
+    with pytest.raises(InvalidHost):
+        split_host_port(target)
