@@ -6,8 +6,9 @@ upstream. An allowed one has its upstream resolved, checked and pinned before an
 
 from __future__ import annotations
 
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,10 @@ from mitmproxy import ctx, exceptions, http
 
 from .approvals import Approvals, Verdict
 from .auditlog import AuditLog
-from .identity import agent_of
-from .pinning import UpstreamPinning
+from .identity import agent_claimed, agent_of
+from .pinning import Pin, UpstreamPinning
+
+logger = logging.getLogger(__name__)
 
 _X_PROXY_ERROR = {
     Reason.DENYLIST: "blocked-by-denylist",
@@ -56,9 +59,15 @@ def decision_fields(decision: Decision) -> dict[str, Any]:
     }
 
 
+DECIDED = "agent_egress_decided"  # flow metadata: the policy let this request through
+_STATUS = {Reason.INVALID_HOST: 400}
+
+
 def blocked_response(decision: Decision) -> http.Response:
-    """The 403 an agent sees: plain text it can show its user, plus machine-readable headers."""
-    why = decision.explanation
+    """The 403 an agent sees: plain text it can show its user, plus machine-readable headers.
+
+    It names the rule and its file, never a path on the machine (the event keeps those)."""
+    why = decision.explain(file_names_only=True)
     body = (
         f"agent-egress blocked this request.\n"
         f"destination: {decision.host}:{decision.port}\n"
@@ -68,13 +77,20 @@ def blocked_response(decision: Decision) -> http.Response:
         f"{decision.host}:{decision.port}). Do not try to reach it another way.\n"
     )
     error = _PROXY_STATUS_ERROR.get(decision.reason, "http_request_denied")
-    details = why.replace("\\", "\\\\").replace('"', '\\"')
-    return http.Response.make(403, body, {
+    details = _quoted_header_text(why)
+    return http.Response.make(_STATUS.get(decision.reason, 403), body, {
         "Content-Type": "text/plain; charset=utf-8",
         "Proxy-Status": f'agent-egress; error={error}; details="{details}"',
         "x-proxy-error": _X_PROXY_ERROR.get(decision.reason, "blocked-by-policy"),
         "Connection": "close",
     })
+
+
+def _quoted_header_text(text: str) -> str:
+    """Printable ASCII for a quoted header parameter: hosts and paths come from the agent."""
+    ascii_text = text.encode("ascii", "backslashreplace").decode("ascii")
+    printable = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in ascii_text)
+    return printable.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _request_fields(flow: http.HTTPFlow) -> dict[str, Any]:
@@ -88,6 +104,7 @@ def _request_fields(flow: http.HTTPFlow) -> dict[str, Any]:
         "path": None if request.method == "CONNECT" else request.path.split("?", 1)[0],
         "websocket": True if request.headers.get("upgrade", "").lower() == "websocket" else None,
         "agent": agent_of(flow),
+        "agent_claimed": agent_claimed(flow),
     }
 
 
@@ -111,13 +128,38 @@ def _verdict_fields(verdict: Verdict | None) -> dict[str, Any]:
             "approval_scope": verdict.scope}
 
 
-class Enforcer:
-    """Applies the compiled policy at CONNECT and at request headers."""
+_UPGRADE_HEADERS = ("upgrade", "http2-settings")
 
-    def __init__(self, audit: AuditLog, pinning: UpstreamPinning, approvals: Approvals) -> None:
+
+def strip_upgrade(request: http.Request) -> None:
+    """Remove any protocol upgrade but WebSocket, so an origin can never switch the connection
+    to a protocol the proxy does not parse (h2c, in any case, or anything else)."""
+    upgrade = request.headers.get_all("upgrade")
+    if not upgrade or [value.strip().lower() for value in upgrade] == ["websocket"]:
+        return
+    for name in _UPGRADE_HEADERS:
+        request.headers.pop(name, None)
+    tokens = [token.strip() for value in request.headers.get_all("connection")
+              for token in value.split(",")]
+    kept = [t for t in tokens if t and t.lower() not in ("upgrade", *_UPGRADE_HEADERS)]
+    request.headers.pop("connection", None)
+    if kept:
+        request.headers["connection"] = ", ".join(kept)
+
+
+class Enforcer:
+    """Applies the compiled policy at CONNECT and at request headers.
+
+    Every decision path is guarded: an exception refuses the request with `internal_error`,
+    it never lets it through (mitmproxy would log the error and carry on with a 200).
+    """
+
+    def __init__(self, audit: AuditLog, pinning: UpstreamPinning, approvals: Approvals,
+                 discard_body: Callable[[http.Request], None] = lambda request: None) -> None:
         self.audit = audit
         self.pinning = pinning
         self.approvals = approvals
+        self.discard_body = discard_body  # a refused request's body is read and dropped
         approvals.persist = self.persist_rule
         self.policy: CompiledPolicy | None = None
 
@@ -164,21 +206,71 @@ class Enforcer:
             self.reload()
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
-        await self._enforce(flow, flow.request.host, flow.request.port)
+        if flow.response is not None:
+            return  # already answered (an invalid agent name)
+        await self._guarded(flow, self._connect(flow))
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
+        await self._guarded(flow, self._request(flow))
+
+    async def _guarded(self, flow: http.HTTPFlow, deciding: Awaitable[None]) -> None:
+        try:
+            await deciding
+        except Exception as exc:
+            logger.exception("decision failed; the request is refused")
+            request = flow.request
+            self._refuse(flow, Decision(Action.DENY, Reason.INTERNAL_ERROR, request.pretty_host,
+                                        request.port, detail=f"internal error "
+                                        f"({type(exc).__name__}); the request was refused"))
+
+    async def _connect(self, flow: http.HTTPFlow) -> None:
         request = flow.request
-        # Inside a tunnel the target is the address pinned at CONNECT; decide on its name.
-        if name := self.pinning.name_for(flow.client_conn, request.host, request.port):
-            request.data.host = name
-        if (mismatch := self._host_header_mismatch(request)) is not None:
+        if (tunnel := self.pinning.tunnel(flow.client_conn)) is not None:
+            self._refuse(flow, Decision(Action.DENY, Reason.TUNNEL_PROTOCOL, tunnel.name,
+                                        tunnel.port, detail="a CONNECT inside a tunnel"))
+            return
+        await self._enforce(flow, request.host, request.port, tunnel=True)
+
+    async def _request(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        strip_upgrade(request)
+        tunnel = self.pinning.tunnel(flow.client_conn)
+        if tunnel is not None:
+            mismatch = self._tunnel_target_mismatch(request, tunnel)
+            # mitmproxy points a request in a tunnel at the tunnel's checked address; it is
+            # decided by the tunnel's name, afresh (the policy may have changed since).
+            request.data.host, request.data.port = tunnel.name, tunnel.port
+        else:
+            mismatch = self._host_header_mismatch(request)
+        if mismatch is not None:
             self._refuse(flow, mismatch)
             if not self.auditing:
                 return
             flow.response = None  # audit mode: logged, then decided as usual
         await self._enforce(flow, request.host, request.port)
+
+    @staticmethod
+    def _tunnel_target_mismatch(request: http.Request, tunnel: Pin) -> Decision | None:
+        """A request inside a tunnel must name the tunnel's host, in its target and its Host
+        header; an absolute-form target naming another host is domain fronting over HTTP."""
+        named = []
+        if request.authority:
+            named.append(("request target", request.authority, request.scheme))
+        if (header := request.host_header) is not None:
+            named.append(("Host header", header, request.scheme))
+        for where, authority, _scheme in named:
+            try:
+                name, port = split_host_port(authority, default_port=tunnel.port)
+                same = normalize_host(name).name == tunnel.name and port == tunnel.port
+            except InvalidHost:
+                same = False
+            if not same:
+                return Decision(Action.DENY, Reason.HOST_MISMATCH, tunnel.name, tunnel.port,
+                                detail=f"the {where} ({authority}) inside the tunnel to "
+                                       f"{tunnel.name}:{tunnel.port} names another destination")
+        return None
 
     def _host_header_mismatch(self, request: http.Request) -> Decision | None:
         """A Host header naming another host than the request target is a smuggling attempt."""
@@ -210,7 +302,8 @@ class Enforcer:
                 return None
         return _verdict_decision(held, verdict, self.policy.settings.approval_timeout), verdict
 
-    async def _enforce(self, flow: http.HTTPFlow, host: str, port: int) -> None:
+    async def _enforce(self, flow: http.HTTPFlow, host: str, port: int,
+                       tunnel: bool = False) -> None:
         assert self.policy is not None
         decision = self.policy.decide(host, port)
         verdict: Verdict | None = None
@@ -220,9 +313,12 @@ class Enforcer:
                 return
             decision, verdict = answer
             if verdict.scope == "reload":  # the reloaded policy has a rule for it now
-                await self._enforce(flow, host, port)
+                await self._enforce(flow, host, port, tunnel)
                 return
         refusal = decision if decision.action is not Action.ALLOW else None
+        if decision.reason is Reason.INVALID_HOST:
+            self._refuse(flow, decision)  # nothing to resolve or pin, not even in audit mode
+            return
         address = self.pinning.pinned(flow.client_conn, host, port)
         if address is None and (refusal is None or self.auditing):
             resolution = await self.pinning.resolve(self.policy, decision.host, port)
@@ -233,7 +329,7 @@ class Enforcer:
             if resolution.addresses:
                 # One string per address, however many requests and idle tunnels hold it.
                 address = sys.intern(str(resolution.addresses[0]))
-                self.pinning.pin(flow.client_conn, host, port, address)
+                self.pinning.pin(flow.client_conn, host, port, address, tunnel=tunnel)
         if address is not None:
             # Connect to exactly the checked address: no second lookup for rebinding to use.
             # (Setting .data.host leaves the Host header as the client sent it.)
@@ -242,7 +338,9 @@ class Enforcer:
             self._refuse(flow, refusal, verdict)
             if self.auditing and address is not None:
                 flow.response = None  # logged as refused; audit mode lets it through
+                flow.metadata[DECIDED] = True
             return
+        flow.metadata[DECIDED] = True
         self.audit.emit("request.decided", **_request_fields(flow), **decision_fields(decision),
                         address=address, **_verdict_fields(verdict))
 
@@ -261,3 +359,10 @@ class Enforcer:
         self.audit.emit("request.decided", **_request_fields(flow), **fields,
                         **_verdict_fields(verdict))
         flow.response = blocked_response(decision)
+        request = flow.request
+        if request.method != "CONNECT":
+            # mitmproxy decided to stream a large body before this hook ran; a refused
+            # request is answered instead, and its body is read and dropped, never buffered.
+            request.stream = False
+            request.headers.pop("expect", None)  # no "100 Continue" invitation to upload
+            self.discard_body(request)

@@ -10,15 +10,25 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import re
 from collections.abc import Callable
 
-from agent_egress.policy import CompiledPolicy
-from mitmproxy import http
+from agent_egress.policy import CompiledPolicy, Reason
+from mitmproxy import connection, http
+
+from .auditlog import AuditLog
 
 METADATA_KEY = "agent_egress_agent"
+CLAIMED_KEY = "agent_egress_agent_claimed"
+
+
+AGENT_NAME = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
+AGENT_NAME_RULE = ("letters, digits and . _ @ + - only, at most 64 characters "
+                   "(e.g. http://codex-1@127.0.0.1:8080)")
 
 
 def agent_from_credentials(header: str) -> str | None:
+    """The user part of Basic proxy credentials, as sent (not yet validated)."""
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "basic" or not value:
         return None
@@ -26,41 +36,80 @@ def agent_from_credentials(header: str) -> str | None:
         decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         return None
-    user = decoded.partition(":")[0].strip()
-    return user[:128] or None
+    return decoded.partition(":")[0] or None
 
 
 def agent_of(flow: http.HTTPFlow) -> str | None:
     return flow.metadata.get(METADATA_KEY)
 
 
-class AgentIdentity:
-    """Runs before the enforcer: stamps the agent's name on the flow."""
+def agent_claimed(flow: http.HTTPFlow) -> str | None:
+    """A name the agent gave itself that the [identity] table overrode."""
+    return flow.metadata.get(CLAIMED_KEY)
 
-    def __init__(self, policy: Callable[[], CompiledPolicy | None]) -> None:
+
+def invalid_agent_response(name: str) -> http.Response:
+    shown = ascii(name[:80])
+    return http.Response.make(407, f"agent-egress refused this request: the agent name {shown} "
+                                   f"in the proxy URL is not valid: use {AGENT_NAME_RULE}.\n", {
+        "Content-Type": "text/plain; charset=utf-8",
+        "Proxy-Authenticate": 'Basic realm="agent-egress (the user name names the agent)"',
+        "x-proxy-error": "invalid-agent-name",
+        "Connection": "close",
+    })
+
+
+class AgentIdentity:
+    """Runs before the enforcer: stamps the agent's name on the flow.
+
+    Where the policy's [identity] table maps the client's address, that name is the agent: the
+    address is something the agent cannot choose, its proxy user name is. A different name it
+    claims is kept as `agent_claimed`. A claimed name outside the allowed characters is refused
+    with 407: names are shown to people and land in reports.
+    """
+
+    def __init__(self, policy: Callable[[], CompiledPolicy | None], audit: AuditLog) -> None:
         self.policy = policy
+        self.audit = audit
         self._by_client: dict[str, str] = {}  # a tunnel's requests inherit the CONNECT's name
 
     def _identify(self, flow: http.HTTPFlow) -> None:
         header = flow.request.headers.get("Proxy-Authorization")
-        agent = agent_from_credentials(header) if header else None
+        claimed = agent_from_credentials(header) if header else None
         if header is not None and flow.request.method != "CONNECT":
             del flow.request.headers["Proxy-Authorization"]  # never forwarded upstream
+        if claimed is not None and not AGENT_NAME.fullmatch(claimed):
+            self._refuse(flow, claimed)
+            return
         client = flow.client_conn
-        if agent is None:
-            agent = self._by_client.get(client.id)
-        policy = self.policy()
-        # Most policies have no [identity] table: then no address is parsed per request.
-        if agent is None and policy is not None and policy.settings.identity and client.peername:
-            try:
-                address = ipaddress.ip_address(client.peername[0].split("%")[0])
-            except ValueError:
-                address = None
-            if address is not None:
-                agent = policy.settings.agent_for(address)
+        mapped = self._mapped(client)
+        agent = mapped or claimed or self._by_client.get(client.id)
+        if mapped is not None and claimed is not None and claimed != mapped:
+            flow.metadata[CLAIMED_KEY] = claimed
         if agent is not None:
             flow.metadata[METADATA_KEY] = agent
             self._by_client[client.id] = agent
+
+    def _mapped(self, client: connection.Client) -> str | None:
+        policy = self.policy()
+        # Most policies have no [identity] table: then no address is parsed per request.
+        if policy is None or not policy.settings.identity or not client.peername:
+            return None
+        try:
+            address = ipaddress.ip_address(client.peername[0].split("%")[0])
+        except ValueError:
+            return None
+        return policy.settings.agent_for(address)
+
+    def _refuse(self, flow: http.HTTPFlow, claimed: str) -> None:
+        peer = flow.client_conn.peername
+        request = flow.request
+        self.audit.emit("request.decided", client=f"{peer[0]}:{peer[1]}" if peer else None,
+                        scheme="connect" if request.method == "CONNECT" else request.scheme,
+                        host=request.pretty_host, port=request.port, decision="deny",
+                        reason=Reason.INVALID_AGENT.value, agent_claimed=claimed[:128],
+                        detail=f"agent names use {AGENT_NAME_RULE}")
+        flow.response = invalid_agent_response(claimed)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         self._identify(flow)
@@ -68,5 +117,5 @@ class AgentIdentity:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._identify(flow)
 
-    def client_disconnected(self, client) -> None:  # type: ignore[no-untyped-def]
+    def client_disconnected(self, client: connection.Client) -> None:
         self._by_client.pop(client.id, None)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agent_egress.policy import CompiledPolicy, normalize_host
+from agent_egress.policy import CompiledPolicy, InvalidHost, normalize_host
 from agent_egress.policy.hosts import IPAddress
 from mitmproxy import connection, ctx
 from mitmproxy.proxy import server_hooks
@@ -40,6 +40,7 @@ class Pin:
     port: int
     address: str  # the checked address, as the request now targets it
     earlier: Pin | None = None
+    tunnel: bool = False  # pinned by a CONNECT: everything after it on the connection is in it
 
     def chain(self) -> Iterator[Pin]:
         pin: Pin | None = self
@@ -88,19 +89,28 @@ class UpstreamPinning:
         latest = self._pins.get(client.id)
         return latest.chain() if latest is not None else iter(())
 
-    def pin(self, client: connection.Client, host: str, port: int, address: str) -> None:
+    def pin(self, client: connection.Client, host: str, port: int, address: str, *,
+            tunnel: bool = False) -> None:
         """Remember the checked address for (host, port) on this client connection.
 
         The enforcer pins only what `pinned` does not know yet; a newer pin for the same
-        (host, port) would be found first anyway.
+        (host, port) would be found first anyway. ``host`` must be a valid host (decided).
         """
         self._pins[client.id] = Pin(normalize_host(host).name, port, address,
-                                    self._pins.get(client.id))
+                                    self._pins.get(client.id), tunnel)
 
     def pinned(self, client: connection.Client, host: str, port: int) -> str | None:
-        name = normalize_host(host).name
+        try:
+            name = normalize_host(host).name
+        except InvalidHost:
+            return None  # nothing is ever pinned for an invalid host
         return next((pin.address for pin in self._chain(client)
                      if pin.name == name and pin.port == port), None)
+
+    def tunnel(self, client: connection.Client) -> Pin | None:
+        """The CONNECT tunnel this client connection has become, if it has."""
+        latest = self._pins.get(client.id)
+        return latest if latest is not None and latest.tunnel else None
 
     def name_for(self, client: connection.Client, address: str, port: int) -> str | None:
         """The host name a pinned address stands for on this client connection."""

@@ -1,7 +1,10 @@
-"""Allowed CONNECT tunnels: check the TLS SNI, then pass bytes through untouched.
+"""Allowed CONNECT tunnels: judge the first bytes, then pass them through untouched.
 
 No certificate is needed by the agent: the proxy reads the ClientHello only to check that the
 SNI names the host the CONNECT was allowed for (domain fronting otherwise), then relays it.
+Plain HTTP/1 in a tunnel is handed to the HTTP layer and decided request by request; anything
+else is raw TCP, relayed only to destinations `network.raw_tcp` lists. mitmproxy's own
+fallbacks (its NextLayer addon, raw TCP, TLS interception) are not part of this proxy.
 """
 
 from __future__ import annotations
@@ -12,16 +15,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent_egress.policy import Action, Decision, InvalidHost, Reason, normalize_host
+from agent_egress.policy import (
+    Action,
+    CompiledPolicy,
+    Decision,
+    InvalidHost,
+    Reason,
+    normalize_host,
+)
 from mitmproxy import connection, http
-from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer, layers
-from mitmproxy.proxy.layers.tls import parse_client_hello
+from mitmproxy.proxy.layers import modes
+from mitmproxy.proxy.layers.http import HttpStream
 
 from .auditlog import AuditLog
 from .enforce import decision_fields
 from .identity import agent_of
 from .pinning import UpstreamPinning
+from .sniff import Sniffed, sniff
 
 
 @dataclass(slots=True)
@@ -40,6 +51,11 @@ class Tunnel:
     @property
     def client(self) -> str:
         return f"{self.peer[0]}:{self.peer[1]}" if self.peer else ""
+
+
+def _client_text(client: connection.Client) -> str | None:
+    peer = client.peername
+    return f"{peer[0]}:{peer[1]}" if peer else None
 
 
 class _EventQueue(list):
@@ -86,58 +102,92 @@ class CloseClient(layer.Layer):
             yield commands.CloseConnection(self.context.client)
 
 
+def is_tunnel_stack(context: Any) -> bool:
+    """The layer stack of an HTTP proxy's CONNECT tunnel, as mitmproxy builds it."""
+    stack = context.layers
+    return (len(stack) == 3 and isinstance(stack[0], modes.HttpProxy)
+            and isinstance(stack[1], layers.HttpLayer) and isinstance(stack[2], HttpStream))
+
+
 class Tunnels:
+    """Decides what an allowed tunnel may carry, from its first bytes (see sniff.py)."""
+
     def __init__(self, audit: AuditLog, pinning: UpstreamPinning,
-                 auditing: Callable[[], bool] = lambda: False) -> None:
+                 policy: Callable[[], CompiledPolicy | None],
+                 http_layer: Callable[[Any], layer.Layer]) -> None:
         self.audit = audit
         self.pinning = pinning
-        self.auditing = auditing  # audit mode: a mismatch is logged, the tunnel still flows
+        self.policy = policy
+        self.http_layer = http_layer  # HTTP/1 inside a tunnel: the proxy's guarded HTTP layer
         self._tunnels: dict[str, Tunnel] = {}  # client connection id -> its one tunnel
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         # The enforcer pointed the CONNECT at its checked address; the pin names the host.
         host = self.pinning.name_for(flow.client_conn, request.host, request.port)
+        if host is None:
+            return  # no decision pinned this tunnel: next_layer will close it
         self._tunnels[flow.client_conn.id] = Tunnel(
-            flow.client_conn.peername, host or request.host, request.port, agent_of(flow))
+            flow.client_conn.peername, host, request.port, agent_of(flow))
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        if not is_tunnel_stack(nextlayer.context):
+            return
         tunnel = self._tunnels.get(nextlayer.context.client.id)
         if tunnel is None or tunnel.protocol is not None:
+            # Bytes in a tunnel no policy decision pinned: never relayed (fail closed).
+            self._replace(nextlayer, CloseClient(nextlayer.context))
+            self.audit.emit("request.decided", client=_client_text(nextlayer.context.client),
+                            scheme="connect", decision="deny", reason=Reason.INTERNAL_ERROR,
+                            detail="tunnel without a pinned policy decision")
             return
-        data = nextlayer.data_client()
-        if starts_like_tls_record(data):
-            try:
-                hello = parse_client_hello(data)
-            except ValueError:
-                self._reject(nextlayer, tunnel, "the TLS ClientHello could not be parsed", None)
-                return
-            if hello is None:
-                self._replace(nextlayer, None)  # wait for the rest of the ClientHello
-                return
-            if not self._sni_matches(hello.sni, tunnel):
-                detail = (f"TLS SNI {hello.sni!r} does not name the CONNECT target "
-                          f"{tunnel.host}" if hello.sni else
-                          f"TLS ClientHello without SNI for CONNECT target {tunnel.host}")
-                if not self.auditing():
-                    self._reject(nextlayer, tunnel, detail, hello.sni)
-                    return
-                self._log_mismatch(tunnel, detail, hello.sni, audit_mode=True)
-            tunnel.protocol = "tls"
-        elif isinstance(nextlayer.layer, layers.HttpLayer):
-            tunnel.protocol = "http"  # plain HTTP in the tunnel: decided per request
+        sniffed = sniff(nextlayer.data_client())
+        if sniffed is None:
+            self._replace(nextlayer, None)  # not enough bytes to be sure yet
             return
-        elif nextlayer.layer is None:
+        refusal = self._refusal(sniffed, tunnel)
+        if refusal is not None and not self._auditing():
+            self._reject(nextlayer, tunnel, refusal, sniffed.sni)
             return
+        if refusal is not None:
+            self._log_refusal(tunnel, refusal, sniffed.sni, audit_mode=True)
+        tunnel.protocol = sniffed.protocol
+        if sniffed.protocol == "http":
+            self._replace(nextlayer, self.http_layer(nextlayer.context))
         else:
-            tunnel.protocol = "tcp"
-        self._replace(nextlayer, CountingPassthrough(nextlayer.context, tunnel))
+            self._replace(nextlayer, CountingPassthrough(nextlayer.context, tunnel))
+
+    def _refusal(self, sniffed: Sniffed, tunnel: Tunnel) -> Decision | None:
+        """Why a tunnel's first bytes may not go on to its upstream; None when they may."""
+        if sniffed.problem is not None:
+            return self._decision(tunnel, Reason.TUNNEL_PROTOCOL,
+                                  f"the tunnel to {tunnel.host} started with {sniffed.problem}")
+        if sniffed.protocol == "tls" and not self._sni_matches(sniffed.sni, tunnel):
+            detail = (f"TLS SNI {sniffed.sni!r} does not name the CONNECT target {tunnel.host}"
+                      if sniffed.sni else
+                      f"TLS ClientHello without SNI for CONNECT target {tunnel.host}")
+            return self._decision(tunnel, Reason.SNI_MISMATCH, detail)
+        if sniffed.protocol == "tcp":
+            policy = self.policy()
+            if policy is None or policy.raw_tcp_rule(tunnel.host, tunnel.port) is None:
+                return self._decision(
+                    tunnel, Reason.TUNNEL_PROTOCOL,
+                    f"the tunnel to {tunnel.host}:{tunnel.port} carries neither TLS nor HTTP/1; "
+                    "raw TCP is allowed only to destinations listed in network.raw_tcp")
+        return None
+
+    @staticmethod
+    def _decision(tunnel: Tunnel, reason: Reason, detail: str) -> Decision:
+        return Decision(Action.DENY, reason, tunnel.host, tunnel.port, detail=detail)
+
+    def _auditing(self) -> bool:
+        policy = self.policy()
+        return policy is not None and policy.settings.mode == "audit"
 
     @staticmethod
     def _replace(nextlayer: layer.NextLayer, chosen: layer.Layer | None) -> None:
-        """Use our layer instead of the one mitmproxy's NextLayer picked (TLS layers for a
-        ClientHello), and drop the discarded ones from the context: each would otherwise
-        stay referenced for the tunnel's lifetime (about 4 KiB per idle tunnel)."""
+        """Set the tunnel's layer, and drop any other one from the context: a discarded layer
+        would otherwise stay referenced for the tunnel's lifetime (about 4 KiB per tunnel)."""
         discarded = nextlayer.layer
         while discarded is not None:
             if discarded in nextlayer.context.layers:
@@ -155,19 +205,22 @@ class Tunnels:
         except InvalidHost:
             return False
 
-    def _reject(self, nextlayer: layer.NextLayer, tunnel: Tunnel, detail: str,
+    def _reject(self, nextlayer: layer.NextLayer, tunnel: Tunnel, decision: Decision,
                 sni: str | None) -> None:
         self._tunnels.pop(nextlayer.context.client.id, None)
-        self._log_mismatch(tunnel, detail, sni)
+        self._log_refusal(tunnel, decision, sni)
         self._replace(nextlayer, CloseClient(nextlayer.context))
 
-    def _log_mismatch(self, tunnel: Tunnel, detail: str, sni: str | None,
-                      audit_mode: bool = False) -> None:
-        decision = Decision(Action.DENY, Reason.SNI_MISMATCH, tunnel.host, tunnel.port,
-                            detail=detail)
+    def _log_refusal(self, tunnel: Tunnel, decision: Decision, sni: str | None,
+                     audit_mode: bool = False) -> None:
         extra = {"mode": "audit", "enforced": False} if audit_mode else {}
         self.audit.emit("request.decided", client=tunnel.client, scheme="connect", sni=sni,
                         agent=tunnel.agent, **decision_fields(decision), **extra)
+
+    def undecided(self, client: connection.Client) -> Tunnel | None:
+        """The open tunnel of this client whose first bytes have not been judged yet."""
+        tunnel = self._tunnels.get(client.id)
+        return tunnel if tunnel is not None and tunnel.protocol is None else None
 
     @property
     def open_count(self) -> int:

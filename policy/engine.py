@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import PurePath
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -80,6 +81,14 @@ class Rule(NamedTuple):
             return f"{self.source} ({self.layer})"
         return f"{self.source} ({self.layer}): {self.key}"
 
+    @property
+    def short_origin(self) -> str:
+        """The origin with file names instead of paths: what the agent's 403 may show."""
+        if self.source.startswith("preset "):
+            name, _, via = self.source.partition(" via ")
+            return f"{name} via {PurePath(via).name} ({self.layer})"
+        return f"{PurePath(self.source).name} ({self.layer}): {self.key}"
+
 
 class Decision(NamedTuple):
     action: Action
@@ -96,13 +105,19 @@ class Decision(NamedTuple):
 
     @property
     def explanation(self) -> str:
-        """One sentence on why, for people: the 403 body, `policy explain`, the logs."""
+        """One sentence on why, for people: `policy explain`, the logs."""
+        return self.explain()
+
+    def explain(self, *, file_names_only: bool = False) -> str:
+        """Why, in one sentence; ``file_names_only`` for the agent's 403, which must not
+        disclose the machine's paths (the audit event keeps them)."""
         rule = self.rule
+        origin = "" if rule is None else (rule.short_origin if file_names_only else rule.origin)
         match self.reason:
             case Reason.ALLOWLIST if rule:
-                return f"matches the allow rule {rule.text!r} ({rule.origin})"
+                return f"matches the allow rule {rule.text!r} ({origin})"
             case Reason.DENYLIST if rule:
-                return f"matches the deny rule {rule.text!r} ({rule.origin})"
+                return f"matches the deny rule {rule.text!r} ({origin})"
             case Reason.DEFAULT:
                 return "matches no rule; the policy's default is allow"
             case Reason.NOT_ALLOWLISTED:

@@ -34,9 +34,7 @@ from mitmproxy.addons import (  # noqa: E402
     core,
     disable_h2c,
     errorcheck,
-    next_layer,
     proxyserver,
-    tlsconfig,
 )
 
 
@@ -45,11 +43,12 @@ def lean_master(opts: options.Options) -> master.Master:
 
     mitmdump loads ~35 addons (replay, scripts, header rewriting, HAR export...), and every
     hook of every request visits each of them; on this hot path that dispatch costs more than
-    the policy itself. Block (refuse clients from public addresses), DisableH2C and TlsConfig
-    are kept for the protections they give.
+    the policy itself. Block (refuse clients from public addresses) and DisableH2C are kept for
+    the protections they give. NextLayer and TlsConfig are left out on purpose: their fallbacks
+    (raw TCP for unknown bytes, TLS interception with a CA written to ~/.mitmproxy) are ways
+    around the policy; the proxy's own ProxyPort and Tunnels addons choose every layer.
     """
     proxy = master.Master(opts, with_termlog=True)
     proxy.addons.add(core.Core(), block.Block(), disable_h2c.DisableH2C(),
-                     proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
-                     errorcheck.ErrorCheck())
+                     proxyserver.Proxyserver(), errorcheck.ErrorCheck())
     return proxy

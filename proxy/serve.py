@@ -14,11 +14,15 @@ from typing import TYPE_CHECKING, Any
 from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog, default_audit_log_path
 from agent_egress.addons.enforce import Enforcer
+from agent_egress.addons.failclosed import FailClosed
 from agent_egress.addons.health import Health
 from agent_egress.addons.identity import AgentIdentity
+from agent_egress.addons.limits import ClientLimits
 from agent_egress.addons.pinning import UpstreamPinning
+from agent_egress.addons.proxyport import ProxyPort
 from agent_egress.addons.reload import PolicyReload
 from agent_egress.addons.tunnels import Tunnels
+from agent_egress.policy import CompiledPolicy
 from mitmproxy import ctx, options
 
 from .approval_server import ApprovalServer, SocketSetupError
@@ -65,20 +69,30 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         audit = AuditLog()
         pinning = UpstreamPinning()
         approvals = Approvals(audit)
-        enforcer = Enforcer(audit, pinning, approvals)
+        port = ProxyPort(audit)
+        enforcer = Enforcer(audit, pinning, approvals, discard_body=port.discard_body)
         reloader = PolicyReload(enforcer, audit)
-        tunnels = Tunnels(audit, pinning, lambda: enforcer.auditing)
+
+        def policy() -> CompiledPolicy | None:
+            return enforcer.policy
+
+        tunnels = Tunnels(audit, pinning, policy, port.http_layer)
         if telemetry is not None:
             from agent_egress.addons.telemetry import TelemetrySink
 
             audit.add_sink(TelemetrySink(telemetry, lambda: tunnels.open_count,
                                          lambda: len(approvals.pending)).on_event)
-        proxy.addons.add(audit, pinning, approvals, Health(),
-                          AgentIdentity(lambda: enforcer.policy),
-                          enforcer, tunnels, reloader, Announce(socket_path))
+        # Order matters: identity before the enforcer; the proxy port and tunnel layer choices
+        # before ClientLimits (which watches them); FailClosed last, to refuse what nothing
+        # decided.
+        proxy.addons.add(audit, pinning, approvals, Health(), AgentIdentity(policy, audit),
+                          enforcer, port, tunnels, ClientLimits(audit, policy), reloader,
+                          Announce(socket_path), FailClosed(audit))
         opts.update(
             # Nothing connects upstream before the policy has decided and pinned an address.
             connection_strategy="lazy",
+            # No raw TCP fallback anywhere (a 101 to an unknown protocol closes the client).
+            rawtcp=False,
             # Plain-HTTP bodies are streamed, never buffered whole in the proxy.
             stream_large_bodies="1m",
             termlog_verbosity="warn",

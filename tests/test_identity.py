@@ -19,6 +19,7 @@ def test_agent_from_credentials() -> None:
     assert agent_from_credentials(basic("codex-1:secret")) == "codex-1"
     assert agent_from_credentials(basic("aider")) == "aider"
     assert agent_from_credentials(basic(":only-password")) is None
+    assert agent_from_credentials(basic("a b\x1b[2J:pw")) == "a b\x1b[2J"  # refused later
     assert agent_from_credentials("Bearer abc") is None
     assert agent_from_credentials("Basic !!!not-base64") is None
 
@@ -46,6 +47,8 @@ def test_events_carry_the_agent(tmp_path, plain_origin, client_env) -> None:
                        timeout=30)
     finally:
         process.stop()
-    agents = [e.get("agent") for e in process.events("request.decided")]
-    assert agents == ["local-agent", "named-agent"]
+    decided = process.events("request.decided")
+    # The address the agent cannot choose names it; the name it gave itself is kept beside.
+    assert [e.get("agent") for e in decided] == ["local-agent", "local-agent"]
+    assert [e.get("agent_claimed") for e in decided] == [None, "named-agent"]
     assert b"pw@" not in process.audit_path.read_bytes()

@@ -8,9 +8,12 @@ import ssl
 
 from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.tunnels import CloseClient, CountingPassthrough, Tunnel, Tunnels
+from agent_egress.policy import parse_policy
 from mitmproxy import options
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.layers import modes
+from mitmproxy.proxy.layers.http import HTTPMode, HttpStream
 from mitmproxy.test import tflow
 
 
@@ -31,38 +34,39 @@ def client_hello(server_name: str) -> bytes:
     return outgoing.read()
 
 
-def next_layer_after_mitmproxy(hello: bytes) -> layer.NextLayer:
-    """The state mitmproxy's own NextLayer addon leaves: TLS layers for a ClientHello."""
+def tunnel_next_layer(*chunks: bytes) -> layer.NextLayer:
+    """A tunnel's NextLayer as mitmproxy builds it after a CONNECT, with bytes received."""
     context = Context(tflow.tclient_conn(), options.Options())
-    context.server.address = ("allowed.test", 443)
+    context.server.address = ("127.0.0.1", 443)
+    modes.HttpProxy(context)
+    layers.HttpLayer(context, HTTPMode.regular)
+    HttpStream(context, 1)
     nextlayer = layer.NextLayer(context)
-    nextlayer.events.append(events.DataReceived(context.client, hello))
-    server_tls = layers.ServerTLSLayer(context)
-    server_tls.child_layer = layers.ClientTLSLayer(context)
-    nextlayer.layer = server_tls
+    nextlayer.events.extend(events.DataReceived(context.client, chunk) for chunk in chunks)
     return nextlayer
 
 
-def tunnels_with(nextlayer: layer.NextLayer) -> tuple[Tunnels, Recorder]:
+def tunnels_with(nextlayer: layer.NextLayer, policy_text: str = "version = 1\n"
+                 ) -> tuple[Tunnels, Recorder]:
     audit = Recorder()
-    tunnels = Tunnels(audit, UpstreamPinning())  # type: ignore[arg-type]
+    policy = parse_policy(policy_text, "p.toml")
+    tunnels = Tunnels(audit, UpstreamPinning(), lambda: policy,  # type: ignore[arg-type]
+                      lambda context: layers.HttpLayer(context, HTTPMode.transparent))
     tunnels._tunnels[nextlayer.context.client.id] = Tunnel(("127.0.0.1", 1), "allowed.test", 443)
     return tunnels, audit
 
 
-def test_matching_sni_passes_through_and_drops_the_tls_layers() -> None:
-    nextlayer = next_layer_after_mitmproxy(client_hello("Allowed.Test."))
-    discarded = [nextlayer.layer, nextlayer.layer.child_layer]
+def test_matching_sni_passes_through() -> None:
+    nextlayer = tunnel_next_layer(client_hello("Allowed.Test."))
     tunnels, audit = tunnels_with(nextlayer)
     tunnels.next_layer(nextlayer)
     assert isinstance(nextlayer.layer, CountingPassthrough)
-    assert not any(d in nextlayer.context.layers for d in discarded)
     assert nextlayer.context.layers[-1] is nextlayer.layer
     assert audit.events == []
 
 
 def test_mismatching_sni_closes_and_is_recorded() -> None:
-    nextlayer = next_layer_after_mitmproxy(client_hello("evil.test"))
+    nextlayer = tunnel_next_layer(client_hello("evil.test"))
     tunnels, audit = tunnels_with(nextlayer)
     tunnels.next_layer(nextlayer)
     assert isinstance(nextlayer.layer, CloseClient)
@@ -73,11 +77,38 @@ def test_mismatching_sni_closes_and_is_recorded() -> None:
 
 def test_partial_client_hello_waits_for_more() -> None:
     hello = client_hello("allowed.test")
-    nextlayer = next_layer_after_mitmproxy(hello[:20])
+    for cut in (1, 2, 3, 5, 20, len(hello) - 1):
+        nextlayer = tunnel_next_layer(hello[:cut])
+        tunnels, audit = tunnels_with(nextlayer)
+        tunnels.next_layer(nextlayer)
+        assert nextlayer.layer is None, cut
+        assert audit.events == []
+
+
+def test_plain_http_goes_to_the_http_layer_raw_tcp_only_where_listed() -> None:
+    nextlayer = tunnel_next_layer(b"GET / HTTP/1.1\r\n")
     tunnels, _ = tunnels_with(nextlayer)
     tunnels.next_layer(nextlayer)
-    assert nextlayer.layer is None
-    assert [type(x) for x in nextlayer.context.layers] == []
+    assert isinstance(nextlayer.layer, layers.HttpLayer)
+    nextlayer = tunnel_next_layer(b"SSH-2.0-OpenSSH_9.2\r\n")
+    tunnels, audit = tunnels_with(nextlayer)
+    tunnels.next_layer(nextlayer)
+    assert isinstance(nextlayer.layer, CloseClient)
+    assert audit.events[0][1]["reason"] == "tunnel_protocol"
+    nextlayer = tunnel_next_layer(b"SSH-2.0-OpenSSH_9.2\r\n")
+    tunnels, audit = tunnels_with(
+        nextlayer, 'version = 1\n[network]\nraw_tcp = ["allowed.test:443"]\n')
+    tunnels.next_layer(nextlayer)
+    assert isinstance(nextlayer.layer, CountingPassthrough) and audit.events == []
+
+
+def test_bytes_in_a_tunnel_nobody_decided_are_never_relayed() -> None:
+    nextlayer = tunnel_next_layer(client_hello("allowed.test"))
+    tunnels, audit = tunnels_with(nextlayer)
+    tunnels._tunnels.clear()
+    tunnels.next_layer(nextlayer)
+    assert isinstance(nextlayer.layer, CloseClient)
+    assert audit.events[0][1]["reason"] == "internal_error"
 
 
 def test_relay_replays_what_arrived_while_its_upstream_opened() -> None:

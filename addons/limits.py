@@ -1,0 +1,148 @@
+"""How much of a shared proxy one client may hold: open connections, and time to send a head.
+
+A client that never finishes its request head (the CONNECT or request line and headers), or
+never sends a tunnel's first bytes, is closed after `network.header_timeout`; one address may
+keep at most `network.max_connections_per_client` connections open. mitmproxy's own idle
+timeout (10 minutes, reset by every byte) bounds neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import Any
+
+from agent_egress.policy import CompiledPolicy, Reason, Settings
+from mitmproxy import connection, ctx, http
+from mitmproxy.proxy import layer, layers
+
+from .auditlog import AuditLog
+from .identity import agent_of
+from .proxyport import plain_response
+
+
+def _address(client: connection.Client) -> str:
+    return client.peername[0] if client.peername else ""
+
+
+def _client_text(client: connection.Client) -> str | None:
+    peer = client.peername
+    return f"{peer[0]}:{peer[1]}" if peer else None
+
+
+class _Deadline:
+    __slots__ = ("timer", "first_request", "tunnel")
+
+    def __init__(self, timer: asyncio.TimerHandle, first_request: bool,
+                 tunnel: tuple[str, int, str | None] | None) -> None:
+        self.timer = timer
+        self.first_request = first_request  # nothing answered yet: a 408 tells the client why
+        self.tunnel = tunnel  # (host, port, agent) while a tunnel's first bytes are awaited
+
+
+class ClientLimits:
+    def __init__(self, audit: AuditLog, policy: Callable[[], CompiledPolicy | None]) -> None:
+        self.audit = audit
+        self.policy = policy
+        self._open: collections.Counter[str] = collections.Counter()  # address -> connections
+        self._deadlines: dict[str, _Deadline] = {}  # client connection id -> its deadline
+
+    def _settings(self) -> Settings:
+        policy = self.policy()
+        return policy.settings if policy is not None else Settings()
+
+    def client_connected(self, client: connection.Client) -> None:
+        address = _address(client)
+        self._open[address] += 1
+        limit = self._settings().max_connections_per_client
+        if self._open[address] > limit:
+            detail = (f"{address} has {limit} connections open to this proxy already "
+                      "(network.max_connections_per_client)")
+            self._answer(client, plain_response(
+                429, f"agent-egress refused this connection: {detail}.\n"))
+            client.error = f"agent-egress: {detail}"  # mitmproxy closes it
+            self.audit.emit("connection.refused", client=_client_text(client),
+                            reason=Reason.TOO_MANY_CONNECTIONS.value, detail=detail)
+            return
+        self._arm(client, first_request=True)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        address = _address(client)
+        self._open[address] -= 1
+        if self._open[address] <= 0:
+            del self._open[address]
+        self._disarm(client)
+
+    # A head is complete when mitmproxy calls these: nothing more to wait for.
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow.client_conn)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._disarm(flow.client_conn)
+
+    def http_connected(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        self._arm(flow.client_conn, first_request=False,
+                  tunnel=(request.pretty_host, request.port, agent_of(flow)))
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        # Runs after the layer is chosen: once a tunnel's bytes are judged TLS or raw TCP (or
+        # refused), nothing is awaited any more; HTTP still owes its request head.
+        chosen = nextlayer.layer
+        if chosen is not None and not isinstance(chosen, layers.HttpLayer):
+            self._disarm(nextlayer.context.client)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.request.method != "CONNECT" and flow.websocket is None:
+            self._arm(flow.client_conn, first_request=False)  # the next request's head
+
+    def _arm(self, client: connection.Client, *, first_request: bool,
+             tunnel: tuple[str, int, str | None] | None = None) -> None:
+        self._disarm(client)
+        timeout = self._settings().header_timeout
+        timer = asyncio.get_running_loop().call_later(timeout, self._expire, client, timeout)
+        self._deadlines[client.id] = _Deadline(timer, first_request, tunnel)
+
+    def _disarm(self, client: connection.Client) -> None:
+        deadline = self._deadlines.pop(client.id, None)
+        if deadline is not None:
+            deadline.timer.cancel()
+
+    def _expire(self, client: connection.Client, timeout: float) -> None:
+        deadline = self._deadlines.pop(client.id, None)
+        if deadline is None:
+            return
+        if deadline.tunnel is not None:
+            host, port, agent = deadline.tunnel
+            self.audit.emit("request.decided", client=_client_text(client), scheme="connect",
+                            host=host, port=port, agent=agent, decision="deny",
+                            reason=Reason.TUNNEL_PROTOCOL.value,
+                            detail=f"no complete TLS ClientHello or HTTP request in the tunnel "
+                                   f"within {timeout:g} s (network.header_timeout)")
+        else:
+            self.audit.emit("connection.refused", client=_client_text(client),
+                            reason=Reason.HEADER_TIMEOUT.value,
+                            detail=f"no complete request head within {timeout:g} s "
+                                   "(network.header_timeout)")
+            if deadline.first_request:
+                self._answer(client, plain_response(
+                    408, f"agent-egress closed this connection: no complete request head "
+                         f"within {timeout:g} s.\n"))
+        handler = _handler(client)
+        io = handler.transports.get(client) if handler is not None else None
+        if io is not None and io.handler is not None:
+            handler.close_connection(client)
+
+    @staticmethod
+    def _answer(client: connection.Client, data: bytes) -> None:
+        """Write bytes to a client outside mitmproxy's layers (a refusal before closing)."""
+        handler = _handler(client)
+        io = handler.transports.get(client) if handler is not None else None
+        if io is not None and io.writer is not None and not io.writer.is_closing():
+            io.writer.write(data)
+
+
+def _handler(client: connection.Client) -> Any:
+    """mitmproxy's connection handler for this client, if it is still connected."""
+    return ctx.master.addons.get("proxyserver").connections.get(client.id)

@@ -1,0 +1,151 @@
+"""What may be spoken to the proxy's own port: HTTP/1 with bounded request heads, nothing else.
+
+mitmproxy's NextLayer addon would negotiate TLS (and HTTP/2) on the listening port with a CA it
+writes under ~/.mitmproxy, and its HTTP/1 server buffers request heads without limit. This addon
+takes that choice over: it answers TLS to the port with a closed connection, gives every client
+(and every plain-HTTP tunnel) an HTTP/1 server with a head size and header count limit, and
+closes any layer stack it does not know rather than guess.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from agent_egress.policy import Reason
+from mitmproxy import connection, http
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events, layer, layers
+from mitmproxy.proxy.layers import modes
+from mitmproxy.proxy.layers.http import HTTPMode, ReceiveHttp, RequestData, RequestHeaders
+from mitmproxy.proxy.layers.http._http1 import Http1Server
+
+from .auditlog import AuditLog
+from .tunnels import CloseClient, is_tunnel_stack
+
+MAX_REQUEST_HEAD = 64 * 1024
+MAX_REQUEST_HEADERS = 200
+
+
+def _client_text(client: connection.Client) -> str | None:
+    peer = client.peername
+    return f"{peer[0]}:{peer[1]}" if peer else None
+
+
+def plain_response(status: int, text: str) -> bytes:
+    """A complete response the proxy sends on its own, closing the connection."""
+    response = http.Response.make(status, text, {"Content-Type": "text/plain; charset=utf-8",
+                                                 "Connection": "close"})
+    return http1.assemble_response(response)
+
+
+class GuardedHttp1Server(Http1Server):
+    """mitmproxy's HTTP/1 server side with what it lacks: a bound on the request head, and the
+    body of a refused request read and dropped instead of buffered.
+
+    mitmproxy buffers a head until its blank line arrives ("FIXME: protect against header size
+    DoS"); one connection could send it tens of MiB. Reads arrive in chunks of at most 64 KiB,
+    so the buffer never grows past the limit by more than one chunk.
+    """
+
+    def __init__(self, context: Any, port: ProxyPort) -> None:
+        super().__init__(context)
+        self.port = port
+
+    def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        for command in super().read_headers(event):
+            problem = (_head_problem(command.event.request) if isinstance(command, ReceiveHttp)
+                       and isinstance(command.event, RequestHeaders) else None)
+            if problem is not None:
+                yield from self._refuse_head(problem)
+                return
+            yield command
+        if self.state == self.read_headers and len(self.buf) > MAX_REQUEST_HEAD:
+            yield from self._refuse_head(f"the request head is larger than "
+                                         f"{MAX_REQUEST_HEAD // 1024} KiB")
+
+    def _refuse_head(self, problem: str) -> layer.CommandGenerator[None]:
+        self.port.refused(self.context.client, Reason.REQUEST_HEAD_TOO_LARGE, problem)
+        yield commands.SendData(self.conn, plain_response(
+            431, f"agent-egress refused this request: {problem}.\n"))
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
+
+    def read_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if self.request is None or not self.port.is_discarded(self.request):
+            yield from super().read_body(event)
+            return
+        for command in super().read_body(event):
+            if isinstance(command, ReceiveHttp) and isinstance(command.event, RequestData):
+                continue  # a refused request's body: read to keep the connection in step
+            yield command
+
+
+def _head_problem(request: http.Request) -> str | None:
+    fields = request.headers.fields
+    if len(fields) > MAX_REQUEST_HEADERS:
+        return f"the request has {len(fields)} header fields (at most {MAX_REQUEST_HEADERS})"
+    size = len(request.data.method) + len(request.data.path) + len(request.data.authority) + sum(
+        len(name) + len(value) + 4 for name, value in fields)
+    if size > MAX_REQUEST_HEAD:
+        return f"the request head is larger than {MAX_REQUEST_HEAD // 1024} KiB"
+    return None
+
+
+def _is_proxy_port_stack(context: Any) -> bool:
+    return len(context.layers) == 1 and isinstance(context.layers[0], modes.HttpProxy)
+
+
+class ProxyPort:
+    """Chooses the layer for what a client sends to the proxy port (tunnels: see Tunnels)."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self.audit = audit
+        self._discarded: weakref.WeakSet[http.Request] = weakref.WeakSet()
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        context = nextlayer.context
+        if is_tunnel_stack(context):
+            return  # the tunnel's first bytes are Tunnels' to judge
+        if not _is_proxy_port_stack(context):
+            self.refused(context.client, Reason.INTERNAL_ERROR,
+                         f"unexpected protocol layer stack {context.layers!r}")
+            nextlayer.layer = CloseClient(context)
+            return
+        data = nextlayer.data_client()
+        if not data:
+            return
+        if problem := _not_http1(data):
+            self.refused(context.client, Reason.PROXY_PROTOCOL, problem)
+            nextlayer.layer = CloseClient(context)
+            return
+        nextlayer.layer = self.http_layer(context, HTTPMode.regular)
+
+    def http_layer(self, context: Any, mode: HTTPMode = HTTPMode.transparent) -> layer.Layer:
+        """mitmproxy's HTTP layer, with our guarded HTTP/1 server for the client side."""
+        http_layer = layers.HttpLayer(context, mode)
+        http_layer.connections[context.client] = GuardedHttp1Server(context.fork(), self)
+        return http_layer
+
+    def discard_body(self, request: http.Request) -> None:
+        """Read and drop this (refused) request's body rather than buffer it."""
+        self._discarded.add(request)
+
+    def is_discarded(self, request: http.Request) -> bool:
+        return request in self._discarded
+
+    def refused(self, client: connection.Client, reason: Reason, detail: str) -> None:
+        self.audit.emit("connection.refused", client=_client_text(client), reason=reason.value,
+                        detail=detail)
+
+
+def _not_http1(data: bytes) -> str | None:
+    """Why the first bytes sent to the proxy port cannot be an HTTP/1 request, or None."""
+    first = data[0]
+    if first == 0x16:
+        return "TLS sent to the proxy port (use http://, not https://, for the proxy URL)"
+    if first >= 0x80 or (first < 0x20 and first not in b"\r\n"):
+        return "binary data sent to the proxy port (it speaks HTTP/1 only)"
+    if data.startswith(b"PRI * HTTP/2"):
+        return "HTTP/2 sent to the proxy port (it speaks HTTP/1 only)"
+    return None
