@@ -23,8 +23,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.server.requests.append(self.requestline)
 
     def do_GET(self) -> None:
-        if self.path.startswith("/hello"):
+        if self.path.startswith(("/hello", "/headers")):
             body = f"hello from {self.server.name}: {self.path} host={self.headers['Host']}\n"
+            if self.path.startswith("/headers"):  # what arrived, for header-stripping tests
+                body += "".join(f"{name.lower()}: {value}\n" for name, value in
+                                self.headers.items())
             data = body.encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")

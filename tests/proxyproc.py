@@ -81,14 +81,18 @@ class ProxyProcess:
         events = [json.loads(line) for line in lines if line.strip()]
         return [e for e in events if name is None or e["event"] == name]
 
-    def wait_for_event(self, predicate, timeout: float = 5.0) -> dict:
+    def mark(self) -> int:
+        """How many events are logged so far: pass it as `after` to see only newer ones."""
+        return len(self.events())
+
+    def wait_for_event(self, predicate, timeout: float = 5.0, after: int = 0) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for event in self.events():
+            for event in self.events()[after:]:
                 if predicate(event):
                     return event
             time.sleep(0.05)
-        raise AssertionError(f"no matching event in {self.events()}")
+        raise AssertionError(f"no matching event in {self.events()[after:]}")
 
     def stop(self) -> int:
         if self.process.poll() is None:
