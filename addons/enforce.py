@@ -211,9 +211,25 @@ class Enforcer:
         await self._guarded(flow, self._connect(flow))
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.error is not None:
+            self._record_invalid(flow)  # mitmproxy refuses it itself, with a 400
+            return
         if flow.response is not None:
             return
         await self._guarded(flow, self._request(flow))
+
+    def _record_invalid(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        tunnel = self.pinning.tunnel(flow.client_conn)
+        if tunnel is not None and request.method == "CONNECT":
+            reason, detail = Reason.TUNNEL_PROTOCOL, "a CONNECT inside a tunnel"
+        else:
+            reason, detail = Reason.INVALID_REQUEST, str(flow.error.msg if flow.error else "")
+        host = tunnel.name if tunnel is not None else request.pretty_host
+        port = tunnel.port if tunnel is not None else request.port
+        self.audit.emit("request.decided", **_request_fields(flow),
+                        **decision_fields(Decision(Action.DENY, reason, host, port,
+                                                   detail=detail)))
 
     async def _guarded(self, flow: http.HTTPFlow, deciding: Awaitable[None]) -> None:
         try:
@@ -240,8 +256,10 @@ class Enforcer:
         if tunnel is not None:
             mismatch = self._tunnel_target_mismatch(request, tunnel)
             # mitmproxy points a request in a tunnel at the tunnel's checked address; it is
-            # decided by the tunnel's name, afresh (the policy may have changed since).
+            # decided by the tunnel's name, afresh (the policy may have changed since), and
+            # goes upstream in origin form: the origin sees exactly the target judged here.
             request.data.host, request.data.port = tunnel.name, tunnel.port
+            request.authority = ""
         else:
             mismatch = self._host_header_mismatch(request)
         if mismatch is not None:

@@ -40,6 +40,7 @@ class Reason(StrEnum):
     PORT_NOT_ALLOWED = "port_not_allowed"
     IP_LITERAL = "ip_literal"
     INVALID_HOST = "invalid_host"
+    INVALID_REQUEST = "invalid_request"  # malformed, or not valid where it was sent
     PRIVATE_ADDRESS = "private_address"
     DNS_ERROR = "dns_error"
     SNI_MISMATCH = "sni_mismatch"
