@@ -53,12 +53,18 @@ class GuardedHttp1Server(Http1Server):
         self.port = port
 
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        answered_400 = False
         for command in super().read_headers(event):
             problem = (_head_problem(command.event.request) if isinstance(command, ReceiveHttp)
                        and isinstance(command.event, RequestHeaders) else None)
             if problem is not None:
                 yield from self._refuse_head(problem)
                 return
+            if isinstance(command, commands.SendData) and command.data.startswith(b"HTTP/1.1 400"):
+                answered_400 = True
+            elif isinstance(command, commands.Log) and answered_400 and self.request is None:
+                # mitmproxy answered 400 to a request line or head it could not parse.
+                self.port.invalid_request(self.context.client, command.message)
             yield command
         if self.state == self.read_headers and len(self.buf) > MAX_REQUEST_HEAD:
             yield from self._refuse_head(f"the request head is larger than "
@@ -133,6 +139,11 @@ class ProxyPort:
 
     def is_discarded(self, request: http.Request) -> bool:
         return request in self._discarded
+
+    def invalid_request(self, client: connection.Client, detail: str) -> None:
+        """A request mitmproxy's parser refused with a 400: a decision too, on the record."""
+        self.audit.emit("request.decided", client=_client_text(client), decision="deny",
+                        reason=Reason.INVALID_REQUEST.value, detail=detail[:1000])
 
     def refused(self, client: connection.Client, reason: Reason, detail: str) -> None:
         self.audit.emit("connection.refused", client=_client_text(client), reason=reason.value,
