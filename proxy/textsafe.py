@@ -1,0 +1,90 @@
+"""Agent-chosen text (agent names, hosts, paths, SNI) shown to people as data, never as control.
+
+Whoever controls an agent chooses the text that ends up on an approver's terminal, in a report
+or in a spreadsheet. Escape sequences could redraw the terminal, carriage returns and bidi
+controls could make one request look like another, and a leading `=` runs a spreadsheet
+formula. These helpers make such text inert and visible.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# Control (Cc: C0, DEL, C1), format (Cf: bidi controls and marks, zero-width and tag
+# characters), lone surrogates (Cs: unprintable), line/paragraph separators, and unassigned
+# code points (Cn: may be format characters to a terminal that knows a newer Unicode).
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp", "Cn"})
+_PLAIN = re.compile(r"[ -\[\]-~]*")  # printable ASCII without the backslash: nothing to do
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _escape(code: int) -> str:
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+class _Escapes(dict[int, str]):
+    """A str.translate table filled in as characters are first seen (Unicode is too big to
+    enumerate up front, and most output never leaves ASCII)."""
+
+    def __missing__(self, code: int) -> str:
+        char = chr(code)
+        if char == "\\":
+            shown = "\\\\"  # so that a literal "\x1b" can never pass for an escaped ESC
+        elif unicodedata.category(char) in _HIDDEN_CATEGORIES:
+            shown = _escape(code)
+        else:
+            shown = char
+        self[code] = shown
+        return shown
+
+
+_ESCAPES = _Escapes()
+
+
+def printable(text: object) -> str:
+    """The text with every control, format and invisible character (and the backslash)
+    escaped as \\xNN, \\uNNNN or \\UNNNNNNNN; letters of every script unchanged."""
+    text = str(text)
+    if _PLAIN.fullmatch(text):
+        return text
+    return text.translate(_ESCAPES)
+
+
+def host_display(host: str) -> str:
+    """An internationalised host as punycode with its Unicode form beside it, both escaped.
+
+    The punycode is what the policy matches; the Unicode form is what a homograph imitates
+    (`xn--80ak6aa92e.com (аррӏе.com)`), so a person sees both.
+    """
+    if "xn--" not in host.lower():
+        return printable(host)
+    unicode_form = ".".join(_decoded(label) for label in host.split("."))
+    if unicode_form == host:
+        return printable(host)
+    return f"{printable(host)} ({printable(unicode_form)})"
+
+
+def _decoded(label: str) -> str:
+    """A punycode label's Unicode form; any other label, or one that does not decode, as is."""
+    if label[:4].lower() != "xn--":
+        return label
+    import idna  # only for the rare internationalised host
+
+    try:
+        return idna.decode(label)
+    except (idna.IDNAError, UnicodeError):
+        return label
+
+
+def csv_cell(value: object) -> str:
+    """A CSV cell a spreadsheet shows as text: one that could start a formula gets a leading
+    quote (OWASP CSV injection)."""
+    text = str(value)
+    if text.startswith(_FORMULA_START):
+        return "'" + text
+    return text
