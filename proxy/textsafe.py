@@ -55,18 +55,19 @@ def printable(text: object) -> str:
     return text.translate(_ESCAPES)
 
 
-def host_display(host: str) -> str:
+def host_display(host: str, port: object = None) -> str:
     """An internationalised host as punycode with its Unicode form beside it, both escaped.
 
     The punycode is what the policy matches; the Unicode form is what a homograph imitates
-    (`xn--80ak6aa92e.com (аррӏе.com)`), so a person sees both.
+    (`xn--80ak6aa92e.com (аррӏе.com)`), so a person sees both. With a port: `HOST:PORT (...)`.
     """
+    shown = printable(host) + ("" if port is None else f":{printable(port)}")
     if "xn--" not in host.lower():
-        return printable(host)
+        return shown
     unicode_form = ".".join(_decoded(label) for label in host.split("."))
     if unicode_form == host:
-        return printable(host)
-    return f"{printable(host)} ({printable(unicode_form)})"
+        return shown
+    return f"{shown} ({printable(unicode_form)})"
 
 
 def _decoded(label: str) -> str:

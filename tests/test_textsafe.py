@@ -63,6 +63,12 @@ def test_host_display(host: str, shown: str) -> None:
     assert host_display(host) == shown
 
 
+def test_host_display_with_a_port() -> None:
+    assert host_display("xn--80ak6aa92e.com", 443) == "xn--80ak6aa92e.com:443 (аррӏе.com)"
+    assert host_display("evil.test", 8443) == "evil.test:8443"
+    assert host_display("a\x1b.test", "1\r") == "a\\x1b.test:1\\x0d"
+
+
 @pytest.mark.parametrize(("value", "cell"), [
     ("=HYPERLINK(\"http://evil.test\")", "'=HYPERLINK(\"http://evil.test\")"),
     ("+1+1", "'+1+1"),
