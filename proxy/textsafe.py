@@ -55,6 +55,12 @@ def printable(text: object) -> str:
     return text.translate(_ESCAPES)
 
 
+def printable_lines(text: object) -> str:
+    """Multi-line text (an error listing problems) with its own line breaks kept and every
+    line escaped with printable()."""
+    return "\n".join(printable(line) for line in str(text).split("\n"))
+
+
 def host_display(host: str, port: object = None) -> str:
     """An internationalised host as punycode with its Unicode form beside it, both escaped.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from agent_egress.proxy.textsafe import csv_cell, host_display, printable
+from agent_egress.proxy.textsafe import csv_cell, host_display, printable, printable_lines
 
 
 @pytest.mark.parametrize(("text", "shown"), [
@@ -45,6 +45,11 @@ def test_printable_output_has_no_controls_left() -> None:
     out = printable(every)
     assert not [c for c in out
                 if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")]
+
+
+def test_printable_lines_keeps_line_breaks_only() -> None:
+    assert printable_lines("a\x1b\n  b\rc\u2028") == "a\\x1b\n  b\\x0dc\\u2028"
+    assert printable_lines(ValueError("x\ny")) == "x\ny"
 
 
 @pytest.mark.parametrize(("host", "shown"), [
