@@ -117,7 +117,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                   "ask; use 'agent-egress approve ID' or 'agent-egress deny ID' from scripts",
                   file=sys.stderr)
             return 0
-        print(f"watching {path} (Ctrl-C or q to stop)", flush=True)
+        print(f"watching {printable(path)} (Ctrl-C or q to stop)", flush=True)
         with _cbreak(sys.stdin.fileno()):
             return _watch_loop(client, queue)
 
