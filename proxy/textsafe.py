@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 
 # Control (Cc: C0, DEL, C1), format (Cf: bidi controls and marks, zero-width and tag
 # characters), lone surrogates (Cs: unprintable), line/paragraph separators, and unassigned
 # code points (Cn: may be format characters to a terminal that knows a newer Unicode).
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp", "Cn"})
-_PLAIN = re.compile(r"[ -\[\]-~]*")  # printable ASCII without the backslash: nothing to do
+_SUSPECT = re.compile(r"[^ -\[\]-~]")  # anything but printable ASCII without the backslash
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-def _escape(code: int) -> str:
+@lru_cache(maxsize=4096)  # bounded: a flood of distinct characters must not grow memory
+def _shown(char: str) -> str:
+    if char == "\\":
+        return "\\\\"  # so that a literal "\x1b" can never pass for an escaped ESC
+    if unicodedata.category(char) not in _HIDDEN_CATEGORIES:
+        return char
+    code = ord(char)
     if code <= 0xFF:
         return f"\\x{code:02x}"
     if code <= 0xFFFF:
@@ -27,32 +34,14 @@ def _escape(code: int) -> str:
     return f"\\U{code:08x}"
 
 
-class _Escapes(dict[int, str]):
-    """A str.translate table filled in as characters are first seen (Unicode is too big to
-    enumerate up front, and most output never leaves ASCII)."""
-
-    def __missing__(self, code: int) -> str:
-        char = chr(code)
-        if char == "\\":
-            shown = "\\\\"  # so that a literal "\x1b" can never pass for an escaped ESC
-        elif unicodedata.category(char) in _HIDDEN_CATEGORIES:
-            shown = _escape(code)
-        else:
-            shown = char
-        self[code] = shown
-        return shown
-
-
-_ESCAPES = _Escapes()
+def _replace(match: re.Match[str]) -> str:
+    return _shown(match.group())
 
 
 def printable(text: object) -> str:
     """The text with every control, format and invisible character (and the backslash)
     escaped as \\xNN, \\uNNNN or \\UNNNNNNNN; letters of every script unchanged."""
-    text = str(text)
-    if _PLAIN.fullmatch(text):
-        return text
-    return text.translate(_ESCAPES)
+    return _SUSPECT.sub(_replace, str(text))
 
 
 def printable_lines(text: object) -> str:
