@@ -16,6 +16,8 @@ from typing import Any
 
 from .approval_client import ApprovalClient
 from .paths import default_socket_path
+from .textsafe import host_display, printable
+from .watch_screen import WatchScreen
 
 KEYS = {
     "o": ("allow", "once"),
@@ -23,7 +25,6 @@ KEYS = {
     "a": ("allow", "always"),
     "d": ("deny", "once"),
 }
-PROMPT = "allow [o]nce, for the [s]ession, [a]lways; [d]eny; s[k]ip; [q]uit? "
 
 
 def add_socket_option(parser: argparse.ArgumentParser) -> None:
@@ -55,14 +56,18 @@ def _socket(args: argparse.Namespace) -> Path:
 
 
 def describe(pending: dict[str, Any]) -> str:
-    what = pending["scheme"].upper()
+    """One line per pending approval. Host, path and agent are the agent's own text: escaped."""
+    what = str(pending["scheme"]).upper()
     if pending.get("method"):
-        what += f" {pending['method']} {pending.get('path') or ''}".rstrip()
+        what += f" {pending['method']}"
+        if pending.get("path"):
+            what += f" {pending['path']}"
     waiting = ("client gone" if pending["clients_gone"]
                else f"{pending['waiting']} waiting")
-    agent = f" agent={pending['agent']}" if pending.get("agent") else ""
-    return (f"{pending['id']}  {pending['host']}:{pending['port']}  {what}  from "
-            f"{pending['client']}{agent}  ({waiting}, {pending['expires_in']:.0f}s left)")
+    agent = f" agent={printable(pending['agent'])}" if pending.get("agent") else ""
+    return (f"{printable(pending['id'])}  {host_display(pending['host'], pending['port'])}  "
+            f"{printable(what)}  from {printable(pending['client'])}{agent}  "
+            f"({waiting}, {pending['expires_in']:.0f}s left)")
 
 
 def cmd_pending(args: argparse.Namespace) -> int:
@@ -83,7 +88,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
     with ApprovalClient(_socket(args)) as client:
         result = client.request("decide", target=args.target, decision=decision,
                                 scope=args.scope)
-    target = result["host"] + (f":{result['port']}" if result.get("port") else "")
+    target = host_display(result["host"], result.get("port") or None)
     print(f"{decision} {target} ({result['scope']}): released {result['released']} "
           f"waiting request{'s' if result['released'] != 1 else ''}")
     return 0
@@ -112,39 +117,40 @@ def cmd_watch(args: argparse.Namespace) -> int:
                   "ask; use 'agent-egress approve ID' or 'agent-egress deny ID' from scripts",
                   file=sys.stderr)
             return 0
-        print(f"watching {path} (Ctrl-C or q to stop)", flush=True)
+        print(f"watching {printable(path)} (Ctrl-C or q to stop)", flush=True)
         with _cbreak(sys.stdin.fileno()):
             return _watch_loop(client, queue)
 
 
 def _watch_loop(client: ApprovalClient, queue: list[dict[str, Any]]) -> int:
+    screen = WatchScreen(sys.stdout)
     current: dict[str, Any] | None = None
     while True:
         if current is None and queue:
             current = queue.pop(0)
-            print(f"\n{describe(current)}\n{PROMPT}", end="", flush=True)
-        readable, _, _ = select.select([client, sys.stdin], [], [])
+            screen.ask(describe(current))
+        screen.status(queue)
+        readable, _, _ = select.select([client, sys.stdin], [], [], screen.due_in())
         if client in readable:
             for message in client.read_available():
                 event = message.get("event")
                 item = message.get("pending", {})
                 if event == "pending.opened":
                     queue.append(item)
-                    if current is not None:
-                        print(f"\n  (also waiting: {item['host']}:{item['port']})\n{PROMPT}",
-                              end="", flush=True)
+                    screen.queue_changed()
                 elif event == "pending.closed":
                     queue[:] = [q for q in queue if q["id"] != item["id"]]
+                    screen.queue_changed()
                     if current is not None and current["id"] == item["id"]:
-                        print(f"\n  -> {message.get('outcome')}", flush=True)
+                        screen.closed(f"  -> {printable(message.get('outcome'))}")
                         current = None
                 elif event == "pending.updated" and current and current["id"] == item["id"]:
                     if item["clients_gone"] and not current["clients_gone"]:
-                        print("\n  (the waiting client has gone; a session or always decision "
-                              f"still applies to its retry)\n{PROMPT}", end="", flush=True)
+                        screen.note("  (the waiting client has gone; a session or always "
+                                    "decision still applies to its retry)")
                     current = item
                 elif event is None and "released" in message:
-                    print(f"  released {message['released']}", flush=True)
+                    screen.note(f"  released {printable(message['released'])}")
         if sys.stdin in readable:
             key = os.read(sys.stdin.fileno(), 1).decode(errors="replace")
             if key in ("q", "\x04", ""):
@@ -153,10 +159,10 @@ def _watch_loop(client: ApprovalClient, queue: list[dict[str, Any]]) -> int:
             if current is None:
                 continue
             if key == "k":
-                print("skipped", flush=True)
+                screen.answer("skipped")
                 current = None
             elif key in KEYS:
                 decision, scope = KEYS[key]
-                print(f"{decision} {scope}", flush=True)
+                screen.answer(f"{decision} {scope}")
                 client.send({"op": "decide", "target": current["id"], "decision": decision,
                              "scope": scope})

@@ -28,6 +28,7 @@ from agent_egress.policy.presets import presets
 from . import approval_cli, launch
 from .approval_client import ApprovalClient, ApprovalClientError
 from .paths import default_socket_path
+from .textsafe import host_display, printable, printable_lines
 
 if TYPE_CHECKING:
     from .telemetry import Telemetry
@@ -147,7 +148,7 @@ def _load(path: str | None, resolve: Sequence[str] = (),
 def cmd_check(args: argparse.Namespace) -> int:
     policy = _load(args.file, ())
     counts = f"{policy.allow_count} allow, {policy.deny_count} deny rules"
-    print(f"{args.file}: OK ({counts}, default {policy.settings.default.value})")
+    print(f"{printable(args.file)}: OK ({counts}, default {policy.settings.default.value})")
     return EXIT_OK
 
 
@@ -199,31 +200,39 @@ def cmd_explain(args: argparse.Namespace) -> int:
     try:
         result = explain_target(policy, args.target)
     except InvalidHost as exc:
-        print(f"agent-egress: {exc}", file=sys.stderr)
+        print(f"agent-egress: {printable_lines(exc)}", file=sys.stderr)
         return EXIT_USAGE
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['host']}:{result['port']}  {str(result['decision']).upper()}")
-        print(f"  why:    {result['explanation']}")
-        print(f"  reason: {result['reason']}")
-        if len(result["layers"]) > 1 or result.get("layer"):
-            print(f"  decided by: {result.get('layer') or 'defaults'}")
-            for verdict in result["layers"]:
-                said = (f"deny {verdict['deny']!r}" if verdict["deny"] else
-                        f"allow {verdict['allow']!r}" if verdict["allow"] else "no rule")
-                print(f"    {verdict['layer']:<8} {said}  ({verdict['source']})")
-        if result.get("address"):
-            print(f"  address: {result['address']} ({result['address_class']})")
-        print(f"  policy: {result['policy']}")
+        _print_explanation(result)
     return EXIT_OK if result["decision"] == "allow" else EXIT_DENIED
+
+
+def _print_explanation(result: dict[str, Any]) -> None:
+    """The text form: the target (as typed) and rule texts are shown as data, never control."""
+    decision = printable(str(result["decision"]).upper())
+    print(f"{host_display(str(result['host']), result['port'])}  {decision}")
+    print(f"  why:    {printable(result['explanation'])}")
+    print(f"  reason: {printable(result['reason'])}")
+    if len(result["layers"]) > 1 or result.get("layer"):
+        print(f"  decided by: {printable(result.get('layer') or 'defaults')}")
+        for verdict in result["layers"]:
+            said = (f"deny {verdict['deny']!r}" if verdict["deny"] else
+                    f"allow {verdict['allow']!r}" if verdict["allow"] else "no rule")
+            print(f"    {printable(verdict['layer']):<8} {printable(said)}  "
+                  f"({printable(verdict['source'])})")
+    if result.get("address"):
+        print(f"  address: {printable(result['address'])} "
+              f"({printable(result['address_class'])})")
+    print(f"  policy: {printable(result['policy'])}")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     try:
         policy = _load(_config(args), (), _managed(args))
     except PolicyError as exc:
-        print(f"agent-egress: {exc}", file=sys.stderr)
+        print(f"agent-egress: {printable_lines(exc)}", file=sys.stderr)
         if running := _running_status(args):
             _print_running(running)
         return EXIT_USAGE
@@ -251,29 +260,37 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
-    print("layers (highest precedence first):")
-    for layer in data["layers"]:
-        print(f"  {layer['layer']:<8} {layer['source']}")
-    print("settings:")
-    for key, value in data["settings"].items():
-        print(f"  {key} = {json.dumps(value)}")
-    print("rules (deny beats allow; managed beats user):")
-    for rule in data["rules"]:
-        print(f"  {rule['action']:<5} {rule['pattern']:<40} {rule['origin']}")
-    if data["not_applied"]:
-        print("not applied:")
-        for problem in data["not_applied"]:
-            print(f"  {problem}")
+    _print_policy(data)
     if data["running"]:
         _print_running(data["running"])
     return EXIT_OK
 
 
+def _print_policy(data: dict[str, Any]) -> None:
+    """The text form of `policy show`; file names and error texts are shown escaped."""
+    print("layers (highest precedence first):")
+    for layer in data["layers"]:
+        print(f"  {printable(layer['layer']):<8} {printable(layer['source'])}")
+    print("settings:")
+    for key, value in data["settings"].items():
+        print(f"  {key} = {printable(json.dumps(value))}")
+    print("rules (deny beats allow; managed beats user):")
+    for rule in data["rules"]:
+        print(f"  {printable(rule['action']):<5} {printable(rule['pattern']):<40} "
+              f"{printable(rule['origin'])}")
+    if data["not_applied"]:
+        print("not applied:")
+        for problem in data["not_applied"]:
+            print(f"  {printable(problem)}")
+
+
 def _print_running(running: dict[str, Any]) -> None:
-    print(f"running proxy: policy loaded {running['loaded_at']}, mode {running['mode']}")
+    print(f"running proxy: policy loaded {printable(running['loaded_at'])}, "
+          f"mode {printable(running['mode'])}")
     if failure := running.get("last_reload_failure"):
-        print(f"  LAST RELOAD FAILED at {failure['at']} ({failure['why']}); the policy "
-              "loaded before stays in force:\n    " + failure["error"].replace("\n", "\n    "))
+        error = printable_lines(failure["error"]).replace("\n", "\n    ")
+        print(f"  LAST RELOAD FAILED at {printable(failure['at'])} ({printable(failure['why'])})"
+              f"; the policy loaded before stays in force:\n    {error}")
 
 
 def _running_status(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -350,7 +367,7 @@ def _serve_preflight(args: argparse.Namespace) -> tuple[int | None, Telemetry | 
     config, managed = _config(args), _managed(args)
     policy = _load(config, args.resolve, managed)  # a bad file never starts a proxy
     for problem in policy.problems:
-        print(f"agent-egress: warning: {problem}", file=sys.stderr)
+        print(f"agent-egress: warning: {printable(problem)}", file=sys.stderr)
     if managed is not None and (reasons := unprotected_reasons(Path(managed))):
         requirements = read_policy_file(managed).model.requirements
         refuse = bool(requirements and requirements.protected_file)
@@ -391,10 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except PolicyError as exc:
-        print(f"agent-egress: {exc}", file=sys.stderr)
+        print(f"agent-egress: {printable_lines(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except ApprovalClientError as exc:
-        print(f"agent-egress: {exc}", file=sys.stderr)
+        print(f"agent-egress: {printable_lines(exc)}", file=sys.stderr)
         return EXIT_DENIED
     except KeyboardInterrupt:
         return 130

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from .approval_client import ApprovalClient, ApprovalClientError
 from .paths import default_socket_path
+from .textsafe import printable
 
 CA_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "PIP_CERT",
                 "GIT_SSL_CAINFO", "CURL_CA_BUNDLE")
@@ -113,7 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if url is None:
         started, url = _start_proxy(args)
     else:
-        print(f"agent-egress run: using the proxy already running at {url}", file=sys.stderr)
+        print(f"agent-egress run: using the proxy already running at {printable(url)}",
+              file=sys.stderr)
     env = {**os.environ, **proxy_environment(with_agent(url, args.agent_id))}
     try:
         try:
@@ -144,11 +146,12 @@ def cmd_health(args: argparse.Namespace) -> int:
             status = client.request("status")["status"]
             pending = len(client.request("list")["pending"])
     except (ApprovalClientError, OSError) as exc:
-        print(f"unhealthy: {exc}", file=sys.stderr)
+        print(f"unhealthy: {printable(exc)}", file=sys.stderr)
         return 1
     failure = status.get("last_reload_failure")
-    print(f"ok: listening on {', '.join(status.get('listen') or [])}; policy {status['policy']}"
-          f"; mode {status['mode']}; {pending} pending approvals"
+    listen = printable(", ".join(status.get("listen") or []))
+    print(f"ok: listening on {listen}; policy {printable(status['policy'])}"
+          f"; mode {printable(status['mode'])}; {pending} pending approvals"
           + ("; LAST RELOAD FAILED (previous policy in force)" if failure else ""))
     return 0
 

@@ -12,6 +12,7 @@ import gzip
 import html
 import io
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -23,7 +24,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import tldextract
-from agent_egress.policy import Action, CompiledPolicy
+import tomlkit
+from agent_egress.policy import Action, CompiledPolicy, InvalidPattern, parse_pattern
+
+from .textsafe import csv_cell, printable
 
 _EXAMPLES = 3
 _MALFORMED_LISTED = 20
@@ -261,6 +265,13 @@ _DENY_REASONS = {"denied_by_approver", "sni_mismatch", "host_mismatch", "private
 def suggest(report: Report, managed: CompiledPolicy | None, *, min_count: int = 3,
             min_agents: int = 2) -> str:
     """A TOML snippet of candidate rules, each with the evidence behind it."""
+    allow, deny = _candidates(report, managed, min_count, min_agents)
+    return _suggestion_toml(report, allow, deny)
+
+
+def _candidates(report: Report, managed: CompiledPolicy | None, min_count: int,
+                min_agents: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(pattern, evidence) pairs to allow and to deny, as the log has them (unescaped)."""
     by_domain: dict[str, list[HostStats]] = {}
     for stats in report.rows():
         by_domain.setdefault(stats.domain, []).append(stats)
@@ -293,15 +304,45 @@ def suggest(report: Report, managed: CompiledPolicy | None, *, min_count: int = 
             allow.append((pattern, f"{count} requests by {len(agents)} agents "
                                    f"({', '.join(sorted(agents)[:3])}); hosts: {hosts_text}; "
                                    f"{hosts[0].first[:10]} to {max(h.last for h in hosts)[:10]}"))
-    lines = ["# Candidate rules from agent-egress report "
-             f"({report.matched} requests, {report.totals()['since'] or 'all time'})",
-             "# Review each before pasting it into the [network] table of a policy file.",
-             "[network]", "allow = ["]
-    lines += [f'    "{p}",  # {why}' for p, why in allow] or ["    # (no candidates)"]
-    lines += ["]", "deny = ["]
-    lines += [f'    "{p}",  # {why}' for p, why in deny] or ["    # (no candidates)"]
-    lines.append("]")
-    return "\n".join(lines) + "\n"
+    return allow, deny
+
+
+def _rule_pattern(text: str) -> bool:
+    """Whether a host from the log is a pattern that names exactly that host (or subtree).
+
+    Hosts in a log are whatever an agent sent when they were invalid: never `*`, never a port,
+    nothing the policy would read differently from what the evidence shows.
+    """
+    try:
+        return parse_pattern(text, allow_any=False).port is None
+    except InvalidPattern:
+        return False
+
+
+def _suggestion_toml(report: Report, allow: list[tuple[str, str]],
+                     deny: list[tuple[str, str]]) -> str:
+    """Written by tomlkit: patterns are TOML strings, evidence sits in one-line comments."""
+    document = tomlkit.document()
+    document.add(tomlkit.comment(printable(
+        f"Candidate rules from agent-egress report ({report.matched} requests, "
+        f"{report.totals()['since'] or 'all time'})")))
+    document.add(tomlkit.comment(
+        "Review each before pasting it into the [network] table of a policy file."))
+    skipped = [p for p, _ in allow + deny if not _rule_pattern(p)]
+    for pattern in skipped:
+        document.add(tomlkit.comment(f"skipped, not a valid rule pattern: {printable(pattern)}"))
+    network = tomlkit.table()
+    for key, candidates in (("allow", allow), ("deny", deny)):
+        array = tomlkit.array()
+        valid = [(p, why) for p, why in candidates if p not in skipped]
+        for pattern, why in valid:
+            array.add_line(pattern, comment=printable(why))
+        if not valid:
+            array.add_line(comment="(no candidates)")
+        array.add_line(indent="")  # the closing bracket on a line of its own
+        network.add(key, array)
+    document.add("network", network)
+    return tomlkit.dumps(document)
 
 
 # -- output formats ---------------------------------------------------------------------------
@@ -347,12 +388,12 @@ def _headline(report: Report) -> str:
 
 
 def render_table(report: Report) -> str:
-    rows = [_row(s) for s in report.rows()]
+    rows = [[printable(cell) for cell in _row(s)] for s in report.rows()]
     shown = ["count", "domain", "host", "ports", "agents", "last_seen", "why", "approvals"]
     indexes = [COLUMNS.index(c) for c in shown]
     table = [shown] + [[row[i] for i in indexes] for row in rows]
     widths = [min(max(len(r[i]) for r in table), 48) for i in range(len(shown))]
-    out = [_headline(report), ""]
+    out = [printable(_headline(report)), ""]
     for number, row in enumerate(table):
         cells = [cell if len(cell) <= 48 else cell[:45] + "..." for cell in row]
         out.append("  ".join(c.rjust(w) if i == 0 else c.ljust(w)
@@ -368,18 +409,29 @@ def render_json(report: Report) -> str:
 
 
 def render_csv(report: Report) -> str:
+    """Exact data, except that no cell can start a spreadsheet formula.
+
+    RFC 4180 line ends: with them the writer quotes any cell holding a CR or LF, which would
+    otherwise start a new row.
+    """
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(COLUMNS)
-    writer.writerows(_row(s) for s in report.rows())
+    writer.writerows([csv_cell(cell) for cell in _row(s)] for s in report.rows())
     return buffer.getvalue()
 
 
-def render_markdown(report: Report) -> str:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|&~])")
 
-    out = ["# agent-egress report", "", _headline(report), "",
+
+def _markdown_text(text: str) -> str:
+    """Shown as typed by any CommonMark renderer: no links, HTML, entities, code or cells."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", printable(text))
+
+
+def render_markdown(report: Report) -> str:
+    cell = _markdown_text
+    out = ["# agent-egress report", "", cell(_headline(report)), "",
            "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     out += ["| " + " | ".join(cell(c) for c in _row(s)) + " |" for s in report.rows()]
     return "\n".join(out) + "\n"
@@ -398,8 +450,8 @@ def _timeline_svg(report: Report) -> str:
         x = pad + index * bar
         bars.append(f'<rect class="bar" x="{x:.1f}" y="{height - pad - h:.1f}" '
                     f'width="{max(bar - 1, 0.5):.1f}" height="{h:.1f}">'
-                    f"<title>{html.escape(hour)}:00 UTC: {count}</title></rect>")
-    first, last = html.escape(buckets[0][0]), html.escape(buckets[-1][0])
+                    f"<title>{_html(hour)}:00 UTC: {count}</title></rect>")
+    first, last = _html(buckets[0][0]), _html(buckets[-1][0])
     return (f'<svg id="timeline" viewBox="0 0 {width} {height}" role="img" '
             f'aria-label="requests per hour">'
             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
@@ -421,15 +473,26 @@ th{background:#eee}td.n{text-align:right}
 """
 
 
+# No script from anywhere, no fetches; the page's own inline CSS only.
+_CSP = "default-src 'none'; style-src 'unsafe-inline'"
+
+
+def _html(text: str) -> str:
+    """Text, never markup; controls and bidi overrides shown escaped, as on a terminal."""
+    return html.escape(printable(text))
+
+
 def render_html(report: Report) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th>{_html(c)}</th>" for c in COLUMNS)
     body = "".join(
-        "<tr>" + "".join(f'<td{" class=n" if i == 0 else ""}>{html.escape(c)}</td>'
+        "<tr>" + "".join(f'<td{" class=n" if i == 0 else ""}>{_html(c)}</td>'
                          for i, c in enumerate(_row(s))) + "</tr>"
         for s in report.rows())
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>agent-egress report</title>"
+    return (f"<!doctype html><html><head><meta charset=utf-8>"
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+            f"<title>agent-egress report</title>"
             f"<style>{_CSS}</style></head><body><h1>agent-egress report</h1>"
-            f'<p class="totals">{html.escape(_headline(report))}</p>'
+            f'<p class="totals">{_html(_headline(report))}</p>'
             f"<h2>Requests per hour (UTC)</h2>{_timeline_svg(report)}"
             f'<table id="hosts"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
             f"</body></html>\n")

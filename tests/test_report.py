@@ -143,7 +143,7 @@ def test_markdown_and_table(logs) -> None:
                            "| why | example_paths | approvals |")
     assert markdown[6].startswith("| 3 | evil.test | evil.test | 443 | a1,a2 |")
     table = report(*map(str, logs)).stdout.splitlines()
-    assert table[0] == markdown[2]
+    assert table[0] == markdown[2].replace("\\_", "_")  # markdown escapes its own syntax
     assert table[2].split() == ["count", "domain", "host", "ports", "agents", "last_seen", "why",
                                 "approvals"]
     assert table[4].split()[:5] == ["3", "evil.test", "evil.test", "443", "a1,a2"]
@@ -187,10 +187,10 @@ def test_suggest(logs, tmp_path) -> None:
     managed.write_text('version = 1\n[network]\ndeny = ["tools.test", "**.tools.test"]\n')
     result = report(*map(str, logs), str(more), "--suggest")
     text = result.stdout
-    assert '"api.tools.test",  # 6 requests by 3 agents (a0, a1, a2)' in text
-    assert '"**.evil.test",  # 4 requests by 3 agents (a1, a2, a3); hosts: evil.test, ' \
+    assert '"api.tools.test", # 6 requests by 3 agents (a0, a1, a2)' in text
+    assert '"**.evil.test", # 4 requests by 3 agents (a1, a2, a3); hosts: evil.test, ' \
         "sub.evil.test; 2026-11-20 to 2026-11-21" in text
-    assert '"ask.example.com",  # 1 requests; denied_by_approver x1' in text
+    assert '"ask.example.com", # 1 requests; denied_by_approver x1' in text
     assert "pastebin" not in text  # the managed layer denies it: never suggested
     import tomllib
 
