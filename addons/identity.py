@@ -10,10 +10,10 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import re
 from collections.abc import Callable
 
 from agent_egress.policy import CompiledPolicy, Reason
+from agent_egress.policy.model import AGENT_NAME, AGENT_NAME_RULE
 from mitmproxy import connection, http
 
 from .auditlog import AuditLog
@@ -22,9 +22,6 @@ METADATA_KEY = "agent_egress_agent"
 CLAIMED_KEY = "agent_egress_agent_claimed"
 
 
-AGENT_NAME = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
-AGENT_NAME_RULE = ("letters, digits and . _ @ + - only, at most 64 characters "
-                   "(e.g. http://codex-1@127.0.0.1:8080)")
 
 
 def agent_from_credentials(header: str) -> str | None:
@@ -51,7 +48,8 @@ def agent_claimed(flow: http.HTTPFlow) -> str | None:
 def invalid_agent_response(name: str) -> http.Response:
     shown = ascii(name[:80])
     return http.Response.make(407, f"agent-egress refused this request: the agent name {shown} "
-                                   f"in the proxy URL is not valid: use {AGENT_NAME_RULE}.\n", {
+                                   f"in the proxy URL is not valid: use {AGENT_NAME_RULE} "
+                                   "(e.g. http://codex-1@127.0.0.1:8080).\n", {
         "Content-Type": "text/plain; charset=utf-8",
         "Proxy-Authenticate": 'Basic realm="agent-egress (the user name names the agent)"',
         "x-proxy-error": "invalid-agent-name",

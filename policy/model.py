@@ -8,6 +8,7 @@ the compiler, which reports their errors the same way.
 from __future__ import annotations
 
 import ipaddress
+import re
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Annotated, Literal
 
@@ -52,6 +53,19 @@ def _known_preset(name: str) -> str:
 
 
 PresetName = Annotated[str, AfterValidator(_known_preset)]
+
+# Agent names land in events, reports and approvers' terminals: a small alphabet only.
+AGENT_NAME = re.compile(r"[A-Za-z0-9._@+-]{1,64}")
+AGENT_NAME_RULE = "letters, digits and . _ @ + - only, at most 64 characters"
+
+
+def _agent_name(name: str) -> str:
+    if not AGENT_NAME.fullmatch(name):
+        raise ValueError(f"agent name {name!r} is not valid: use {AGENT_NAME_RULE}")
+    return name
+
+
+AgentName = Annotated[str, AfterValidator(_agent_name)]
 
 
 class _Strict(BaseModel):
@@ -107,6 +121,6 @@ class PolicyFile(_Strict):
     network: NetworkSettings = NetworkSettings()
     approvals: ApprovalSettings = ApprovalSettings()
     resolve: dict[str, IPAddressValue] = {}
-    identity: dict[IPNetworkValue, str] = {}  # client address or network -> agent name
+    identity: dict[IPNetworkValue, AgentName] = {}  # client address or network -> agent name
     telemetry: TelemetrySettings = TelemetrySettings()
     requirements: Requirements | None = None

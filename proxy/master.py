@@ -11,6 +11,7 @@ import as usual. Where the full package is already loaded (a test process, say),
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 
 
@@ -28,7 +29,7 @@ def _register_without_init(name: str) -> None:
 _register_without_init("mitmproxy.addons")
 
 # These need the registration above (mitmproxy.master imports mitmproxy.addons too).
-from mitmproxy import master, options  # noqa: E402
+from mitmproxy import log, master, options  # noqa: E402
 from mitmproxy.addons import (  # noqa: E402
     block,
     core,
@@ -36,6 +37,8 @@ from mitmproxy.addons import (  # noqa: E402
     errorcheck,
     proxyserver,
 )
+
+from .textsafe import printable, printable_lines  # noqa: E402
 
 
 def lean_master(opts: options.Options) -> master.Master:
@@ -49,6 +52,21 @@ def lean_master(opts: options.Options) -> master.Master:
     around the policy; the proxy's own ProxyPort and Tunnels addons choose every layer.
     """
     proxy = master.Master(opts, with_termlog=True)
+    terminal = proxy.addons.get("termlog").logger
+    terminal.formatter = EscapingFormatter(terminal.has_vt_codes)
     proxy.addons.add(core.Core(), block.Block(), disable_h2c.DisableH2C(),
                      proxyserver.Proxyserver(), errorcheck.ErrorCheck())
     return proxy
+
+
+class EscapingFormatter(log.MitmFormatter):
+    """serve's own log lines, with agent-chosen text in them (a host, a header, a policy
+    error quoting a key) shown escaped: it must not redraw the terminal of whoever runs it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = printable(record.getMessage())
+        if record.exc_info:
+            message += "\n" + printable_lines(self.formatException(record.exc_info))
+        safe = logging.makeLogRecord(record.__dict__)
+        safe.msg, safe.args, safe.exc_info, safe.exc_text = message, None, None, None
+        return super().format(safe)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import json
 import os
@@ -68,11 +67,11 @@ def test_pending_lists_hostile_requests_escaped_and_json_exact(tmp_path, plain_o
     from test_approvals import ask_policy
 
     proxy = ProxyProcess(tmp_path / "p", ask_policy(plain_origin.port))
-    agent = "\x1b]0;pwned\x07\x1b[2J\u202eevil"
-    credentials = base64.b64encode(f"{agent}:secret".encode()).decode()
+    # Hostile agent names are refused at the proxy (407, see test_fail_closed.py); a path is
+    # still the agent's to choose.
     requests = [
         f"GET http://ask.test:{plain_origin.port}/a\x1b[2J\x1b[H HTTP/1.1\r\n"
-        f"Host: ask.test:{plain_origin.port}\r\nProxy-Authorization: Basic {credentials}\r\n\r\n",
+        f"Host: ask.test:{plain_origin.port}\r\n\r\n",
         "CONNECT xn--80ak6aa92e.com:443 HTTP/1.1\r\nHost: xn--80ak6aa92e.com:443\r\n\r\n",
     ]
     sockets = []
@@ -87,7 +86,6 @@ def test_pending_lists_hostile_requests_escaped_and_json_exact(tmp_path, plain_o
             time.sleep(0.1)
         by_host = {item["host"]: item for item in items}
         # --json is data: exactly what the agent sent.
-        assert by_host["ask.test"]["agent"] == agent
         assert by_host["ask.test"]["path"] == "/a\x1b[2J\x1b[H"
         listing = proxy.cli("pending")
         assert listing.returncode == 0, listing.stderr
@@ -95,7 +93,6 @@ def test_pending_lists_hostile_requests_escaped_and_json_exact(tmp_path, plain_o
         assert len(listing.stdout.splitlines()) == 2
         assert (f"ask.test:{plain_origin.port}  HTTP GET /a\\x1b[2J\\x1b[H  from "
                 in listing.stdout)
-        assert "agent=\\x1b]0;pwned\\x07\\x1b[2J\\u202eevil  (" in listing.stdout
         assert "xn--80ak6aa92e.com:443 (аррӏе.com)  CONNECT" in listing.stdout
         for item in items:
             assert proxy.cli("deny", item["id"]).returncode == 0

@@ -52,3 +52,15 @@ def test_events_carry_the_agent(tmp_path, plain_origin, client_env) -> None:
     assert [e.get("agent") for e in decided] == ["local-agent", "local-agent"]
     assert [e.get("agent_claimed") for e in decided] == [None, "named-agent"]
     assert b"pw@" not in process.audit_path.read_bytes()
+
+
+def test_identity_names_follow_the_agent_name_rule() -> None:
+    from agent_egress.policy import PolicyError
+
+    try:
+        parse_policy('version = 1\n[identity]\n"10.0.0.1" = "bad\\u001b[2Jname"\n', "p.toml")
+    except PolicyError as exc:
+        assert "letters, digits and . _ @ + - only" in str(exc)
+        assert "p.toml:3: identity" in str(exc)
+    else:
+        raise AssertionError("an identity name with control characters was accepted")
