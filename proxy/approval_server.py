@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
+# Events an approver has not read yet; past this it is dropped, not buffered for without end.
+MAX_SUBSCRIBER_BUFFER = 1024 * 1024
 # The socket file is ours to remove, and only while it still is the one we bound (3.13+ would
 # otherwise remove it at close by its inode alone).
 _KEEP_SOCKET_FILE: dict[str, Any] = {"cleanup_socket": False} if sys.version_info >= (3, 13) \
@@ -115,9 +117,7 @@ class ApprovalServer:
                     logger.exception("approval request failed")
                     response, subscribe = _error("internal", f"internal error: {exc!r}"), False
                 if subscribe and subscription is None:
-                    def subscription(event: dict[str, Any]) -> None:
-                        writer.write(json.dumps({"v": PROTOCOL_VERSION, **event}).encode()
-                                     + b"\n")
+                    subscription = self._subscription(writer, uid)
                     self.approvals.subscribe(subscription)
                 await self._send(writer, response)
         except (ConnectionError, OSError):
@@ -126,6 +126,27 @@ class ApprovalServer:
             if subscription is not None:
                 self.approvals.unsubscribe(subscription)
             writer.close()
+
+    def _subscription(self, writer: asyncio.StreamWriter,
+                      uid: int) -> Callable[[dict[str, Any]], None]:
+        """Events for one approver, written without waiting: an approver that stops reading
+        must not hold up the proxy, nor make it buffer without limit, so past
+        MAX_SUBSCRIBER_BUFFER unread bytes it is dropped (it can reconnect and `list`)."""
+        transport = writer.transport
+
+        def send(event: dict[str, Any]) -> None:
+            if transport.is_closing():
+                return
+            writer.write(json.dumps({"v": PROTOCOL_VERSION, **event}).encode() + b"\n")
+            buffered = transport.get_write_buffer_size()
+            if buffered <= MAX_SUBSCRIBER_BUFFER:
+                return
+            self.approvals.unsubscribe(send)
+            self.audit.emit("approval.subscriber_dropped", uid=uid, buffered=buffered,
+                            limit=MAX_SUBSCRIBER_BUFFER)
+            transport.abort()  # discards what it holds; the reader loop sees the end
+
+        return send
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:

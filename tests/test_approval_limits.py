@@ -1,5 +1,6 @@
-"""Approvals cannot be flooded: pending approvals are bounded. Raw sockets throughout, so
-nothing a client library does (pooling, retries) hides what the proxy answers."""
+"""Approvals cannot be flooded: bounded pending approvals, and approvers that stop reading
+are dropped rather than buffered for without limit. Raw sockets throughout, so nothing a
+client library does (pooling, retries) hides what the proxy answers."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 from proxyproc import ProxyProcess
 from test_approvals import ask_policy, wait_pending
+
+MIB = 1024 * 1024
 
 
 def limited_policy(*ports: int, total: int, per_agent: int) -> str:
@@ -66,14 +69,17 @@ def pending_list(proxy: ProxyProcess) -> list[dict]:
 
 
 class Subscriber:
-    """A raw `subscribe` connection that reads (and keeps) every line."""
+    """A raw `subscribe` connection; reads (and keeps) every line, or never reads at all."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, reading: bool = True) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
+        if not reading:  # the smallest buffers the kernel allows: the proxy's own fills first
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
         self.sock.connect(str(path))
         self.sock.sendall(b'{"v": 1, "op": "subscribe"}\n')
         self.messages: list[dict] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        if reading:
+            threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
         with self.sock.makefile("rb") as stream:
@@ -176,5 +182,48 @@ def test_one_agent_flooding_1000_destinations_holds_20(tmp_path, tls_origin, pla
     finally:
         watcher.close()
         for sock in sockets:
+            sock.close()
+        process.stop()
+
+
+def test_subscriber_that_stops_reading_is_dropped(tmp_path, tls_origin, plain_origin):
+    process = ProxyProcess(tmp_path / "p", ask_policy(tls_origin.port, plain_origin.port),
+                           env={"HOME": str(tmp_path)})
+    slow = Subscriber(process.socket_path, reading=False)
+    reader = Subscriber(process.socket_path)
+    held: list[socket.socket] = []
+    try:
+        # Each request joining the pending approval sends every subscriber the approval, with
+        # the first request's long path: 150 x 16 KiB = 2.4 MiB of events.
+        path = "/" + "p" * 16 * 1024
+        for _ in range(150):
+            sock = socket.create_connection(("127.0.0.1", process.port), timeout=30)
+            sock.sendall(f"GET http://ask.test:{plain_origin.port}{path} HTTP/1.1\r\n"
+                         f"Host: ask.test:{plain_origin.port}\r\n\r\n".encode())
+            held.append(sock)
+        wait_pending(process, lambda p: p["waiting"] == 150, timeout=30)
+        dropped = process.wait_for_event(
+            lambda e: e["event"] == "approval.subscriber_dropped", timeout=10)
+        assert MIB < dropped["buffered"] < 2 * MIB
+        assert len(process.events("approval.subscriber_dropped")) == 1  # the reader stays
+        # The slow subscriber gets what was buffered, then the end of the connection.
+        received = 0
+        slow.sock.settimeout(10)
+        while True:
+            try:
+                chunk = slow.sock.recv(MIB)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += len(chunk)
+        assert received < 2 * MIB
+        # The reading subscriber saw every request arrive, and the proxy answers as before.
+        wait_until(lambda: len(reader.events("pending.updated")) == 149)
+        assert "released 150 waiting requests" in process.cli("approve", "ask.test").stdout
+    finally:
+        slow.close()
+        reader.close()
+        for sock in held:
             sock.close()
         process.stop()
