@@ -113,9 +113,12 @@ def prepare_directory(directory: Path) -> None:
 
 async def _listen_addresses(reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> list[str]:
+    """What the proxy on the socket says it listens on (its owner may be anyone: only short
+    printable strings are repeated)."""
     writer.write(b'{"v": 1, "op": "status"}\n')
     reply = json.loads(await reader.readline())
-    return list(reply["status"]["listen"])
+    return [address for address in reply["status"]["listen"][:4]
+            if isinstance(address, str) and address.isprintable() and len(address) <= 64]
 
 
 async def _refuse_if_answered(path: Path, owner: int) -> None:
@@ -123,7 +126,7 @@ async def _refuse_if_answered(path: Path, owner: int) -> None:
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)),
                                                 PROBE_TIMEOUT)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, FileNotFoundError):  # stale, or gone meanwhile
         return
     except PermissionError:
         raise SocketSetupError(
@@ -140,10 +143,11 @@ async def _refuse_if_answered(path: Path, owner: int) -> None:
         listen = []  # not a proxy that answers `status` to us; still, something answers
     finally:
         writer.close()
+    whose = f" of uid {owner}" if owner != os.geteuid() else ""
     where = f" (listening on {', '.join(listen)})" if listen else ""
     raise SocketInUseError(
-        f"{path}: a proxy already answers there{where}; stop it first, or start this proxy "
-        "with another --approval-socket")
+        f"{path}: a proxy{whose} already answers there{where}; stop it first, or start this "
+        "proxy with another --approval-socket")
 
 
 async def clear_stale_socket(path: Path) -> None:
@@ -160,16 +164,18 @@ async def clear_stale_socket(path: Path) -> None:
         raise SocketSetupError(f"{path} exists and is not a socket; remove it or choose "
                                "another --approval-socket")
     await _refuse_if_answered(path, info.st_uid)
-    if info.st_uid != os.geteuid():
-        raise SocketSetupError(
-            f"{path} is a stale socket of uid {info.st_uid}; remove it (as that user or root), "
-            "or choose another --approval-socket")
     try:
         current = os.lstat(path)
     except FileNotFoundError:
         return
-    if _identity(current) == _identity(info):  # not one another proxy bound meanwhile
-        os.unlink(path)
+    if _identity(current) != _identity(info):
+        raise SocketInUseError(f"{path} was replaced while this proxy checked it: is another "
+                               "proxy starting there? Choose another --approval-socket")
+    if info.st_uid != os.geteuid():
+        raise SocketSetupError(
+            f"{path} is a stale socket of uid {info.st_uid}; remove it (as that user or root), "
+            "or choose another --approval-socket")
+    os.unlink(path)
 
 
 def bind_socket(path: Path) -> tuple[socket.socket, Identity]:

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -26,33 +27,39 @@ NOBODY = 65534
 needs_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as uid nobody")
 
 
-def serve(workdir: Path, socket_path: Path, policy: str,
-          timeout: float = 30) -> tuple[int | None, str]:
-    """Start `serve` on socket_path: (exit status, output), or (None, output) if it started.
-
-    A proxy that starts is stopped again at once, so a test that expected a refusal fails
-    instead of hanging.
-    """
+def start_serve(workdir: Path, socket_path: Path, policy: str) -> subprocess.Popen:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "policy.toml").write_text(policy)
     env = {**os.environ, "HOME": str(workdir), "XDG_CONFIG_HOME": str(workdir / "config"),
            "XDG_STATE_HOME": str(workdir / "state"), "PYTHONUNBUFFERED": "1"}
     env.pop("XDG_RUNTIME_DIR", None)
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "agent_egress.proxy", "serve", "--listen", "127.0.0.1:0",
          "--config", str(workdir / "policy.toml"), "--audit-log", str(workdir / "audit.jsonl"),
          "--approval-socket", str(socket_path)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
         env=env)
+
+
+def outcome(process: subprocess.Popen, timeout: float = 30,
+            stop: bool = True) -> tuple[int | None, str]:
+    """(exit status, output), or (None, output) if the proxy started; it is then stopped unless
+    told otherwise, so a test that expected a refusal fails instead of hanging."""
     assert process.stdout is not None
     output = []
     for line in process.stdout:
         output.append(line)
         if line.strip().startswith("http_proxy="):  # started: the banner's last line
-            process.terminate()
-            process.communicate(timeout=timeout)
+            if stop:
+                process.terminate()
+                process.communicate(timeout=timeout)
             return None, "".join(output)
     return process.wait(timeout), "".join(output)
+
+
+def serve(workdir: Path, socket_path: Path, policy: str) -> tuple[int | None, str]:
+    """Start `serve` on socket_path: (exit status, output), or (None, output) if it started."""
+    return outcome(start_serve(workdir, socket_path, policy))
 
 
 def as_nobody(*command: str) -> None:
@@ -116,6 +123,21 @@ def test_second_proxy_refuses_a_socket_a_live_proxy_answers_on(tmp_path, policy,
         assert refused["path"] == str(first.socket_path)
     finally:
         first.stop()
+
+
+def test_of_two_proxies_started_at_once_on_one_socket_one_runs(tmp_path, policy):
+    path = tmp_path / "run" / "approvals.sock"
+    for attempt in range(3):
+        processes = [start_serve(tmp_path / f"{attempt}-{n}", path, policy) for n in range(2)]
+        try:
+            with ThreadPoolExecutor(2) as pool:  # both keep running until both have answered
+                results = list(pool.map(lambda p: outcome(p, stop=False), processes))
+        finally:
+            for process in processes:
+                process.terminate()
+                process.communicate(timeout=30)
+        assert sorted(status or 0 for status, _ in results) == [0, 2], results
+        assert not path.exists()  # the winner removed its own socket; the loser never touched it
 
 
 def test_stale_socket_left_by_a_crash_is_replaced(tmp_path, policy):
