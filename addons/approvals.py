@@ -4,6 +4,10 @@ Requests for the same host and port share one pending approval; one decision rel
 A pending approval lives at most ``approval_timeout`` seconds from when it was opened. When its
 last waiting client gives up, it stays listed (marked as such) until then, so a person can still
 decide for the client's retry; nothing outlives the deadline.
+
+How many may be pending is bounded, in all and per agent: past that, a new destination is
+refused at once rather than queued, so one agent cannot bury the person deciding (nor every
+watching approver) under thousands of requests.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,9 +50,10 @@ class ApprovalError(Exception):
 @dataclass(frozen=True, slots=True)
 class Verdict:
     action: Action  # ALLOW or DENY
-    scope: str  # once | session | always | timeout
-    actor: str  # "uid:1000", or "timeout"
+    scope: str  # once | session | always | timeout | queue_full
+    actor: str  # "uid:1000", "timeout", or "limit"
     approval_id: str | None = None
+    detail: str = ""  # why, when no person decided
 
 
 @dataclass(eq=False)
@@ -66,6 +72,7 @@ class Pending:
     path: str | None
     client: str
     agent: str | None
+    owner: str  # whom it counts against: the agent, else the client's address
     opened: float  # wall clock, for people
     deadline: float  # event-loop clock
     waiters: list[Waiter] = field(default_factory=list)
@@ -91,6 +98,15 @@ def _client_gone(client: connection.Client) -> bool:
     return not client.state & ConnectionState.CAN_READ
 
 
+def _owner(flow: http.HTTPFlow, agent: str | None) -> str:
+    """Whose pending approvals a request counts against: its agent, else its client address
+    (not the port: every connection would be an agent of its own)."""
+    if agent:
+        return f"agent {ascii(agent)}"  # agent-chosen: escaped, it goes into a header
+    peer = flow.client_conn.peername
+    return f"client {peer[0]}" if peer else "client (unknown address)"
+
+
 class Approvals:
     """Pending approvals, session decisions, and the subscribers watching them."""
 
@@ -99,6 +115,7 @@ class Approvals:
         self.pending: dict[tuple[str, int], Pending] = {}
         self._by_id: dict[str, Pending] = {}
         self._session: dict[str, dict[int | None, Verdict]] = {}  # host -> port|None -> verdict
+        self._per_owner: Counter[str] = Counter()
         self._subscribers: set[Callable[[dict[str, Any]], None]] = set()
         self._watcher: asyncio.Task[None] | None = None
         # Set by the enforcer: writes an `always` decision to the user policy file, and the
@@ -133,6 +150,27 @@ class Approvals:
 
     # -- holding ---------------------------------------------------------------------------
 
+    def admit(self, flow: http.HTTPFlow, decision: Decision, agent: str | None,
+              max_pending: int, max_per_agent: int) -> Verdict | None:
+        """A refusal if holding this request would open one pending approval too many.
+
+        Call right before hold(), with no await between. A request for a destination already
+        pending joins it: that is never refused, it adds no work for the person deciding.
+        """
+        if (decision.host, decision.port) in self.pending:
+            return None
+        owner = _owner(flow, agent)
+        if len(self.pending) >= max_pending:
+            why = (f"{len(self.pending)} destinations already await a person's decision "
+                   f"(approvals.max_pending = {max_pending})")
+        elif self._per_owner[owner] >= max_per_agent:
+            why = (f"{owner} already has {self._per_owner[owner]} destinations awaiting a "
+                   f"person's decision (approvals.max_pending_per_agent = {max_per_agent})")
+        else:
+            return None
+        return Verdict(Action.DENY, "queue_full", "limit", detail=(
+            f"not asked about: {why}; retry once those are decided (agent-egress pending)"))
+
     async def hold(self, flow: http.HTTPFlow, decision: Decision, timeout: float,
                    agent: str | None = None) -> Verdict | None:
         """Wait for a person's verdict on this request; None if the client left first."""
@@ -149,8 +187,9 @@ class Approvals:
                 method=None if is_connect else request.method,
                 path=None if is_connect else request.path.split("?", 1)[0],
                 client=f"{peer[0]}:{peer[1]}" if peer else "", agent=agent,
-                opened=time.time(), deadline=loop.time() + timeout,
+                owner=_owner(flow, agent), opened=time.time(), deadline=loop.time() + timeout,
             )
+            self._per_owner[pending.owner] += 1
             pending.timer = loop.call_at(pending.deadline, self._expire, pending)
             self.pending[key] = pending
             self._by_id[pending.id] = pending
@@ -209,6 +248,9 @@ class Approvals:
             pending.timer.cancel()
         del self.pending[(pending.host, pending.port)]
         del self._by_id[pending.id]
+        self._per_owner[pending.owner] -= 1
+        if not self._per_owner[pending.owner]:
+            del self._per_owner[pending.owner]
         self._notify("pending.closed", pending, outcome=outcome)
         return released
 

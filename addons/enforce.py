@@ -109,6 +109,9 @@ def _request_fields(flow: http.HTTPFlow) -> dict[str, Any]:
 
 
 def _verdict_decision(held: Decision, verdict: Verdict, timeout: float) -> Decision:
+    if verdict.scope == "queue_full":
+        return held._replace(action=Action.DENY, reason=Reason.APPROVAL_QUEUE_FULL,
+                             detail=verdict.detail)
     if verdict.scope == "timeout":
         return held._replace(
             action=Action.DENY, reason=Reason.APPROVAL_TIMEOUT,
@@ -309,7 +312,9 @@ class Enforcer:
     async def _ask(self, flow: http.HTTPFlow, held: Decision) -> tuple[Decision, Verdict] | None:
         """A person's verdict for a destination no rule covers; None if the client left."""
         assert self.policy is not None
-        verdict = self.approvals.session_verdict(held.host, held.port)
+        settings = self.policy.settings
+        verdict = self.approvals.session_verdict(held.host, held.port) or self.approvals.admit(
+            flow, held, agent_of(flow), settings.max_pending, settings.max_pending_per_agent)
         if verdict is None:
             self.audit.emit("request.decided", **_request_fields(flow),
                             **{**decision_fields(held), "decision": "held"})

@@ -13,8 +13,8 @@ import json
 import logging
 import os
 import socket
-import stat
 import struct
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -22,39 +22,32 @@ from typing import Any
 from agent_egress.addons.approvals import ApprovalError, Approvals
 from agent_egress.addons.auditlog import AuditLog
 
+from .approval_socket import (
+    Identity,
+    SocketSetupError,
+    bind_socket,
+    clear_stale_socket,
+    prepare_directory,
+    release_socket,
+)
+
+__all__ = ["ApprovalServer", "SocketSetupError", "peer_uid"]  # SocketSetupError: for serve
+
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
-
-
-class SocketSetupError(Exception):
-    """The socket cannot be created safely; the message says what to fix."""
+# Events an approver has not read yet; past this it is dropped, not buffered for without end.
+MAX_SUBSCRIBER_BUFFER = 1024 * 1024
+# The socket file is ours to remove, and only while it still is the one we bound (3.13+ would
+# otherwise remove it at close by its inode alone).
+_KEEP_SOCKET_FILE: dict[str, Any] = {"cleanup_socket": False} if sys.version_info >= (3, 13) \
+    else {}
 
 
 def peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
-
-
-def _prepare_directory(directory: Path) -> None:
-    """A directory we create is 0700. An existing one keeps its mode (it may be shared, like
-    /tmp: the socket's own 0600 protects it), unless others could replace the socket in it."""
-    if not directory.exists():
-        directory.mkdir(mode=0o700, parents=True)
-        os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
-        return
-    info = directory.stat()
-    shared_writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    if shared_writable and not info.st_mode & stat.S_ISVTX:
-        raise SocketSetupError(
-            f"{directory} is writable by other users (mode {stat.S_IMODE(info.st_mode):04o}), "
-            "so the socket could be replaced; choose a private directory for "
-            "--approval-socket")
-    if info.st_uid not in (os.getuid(), 0):
-        raise SocketSetupError(
-            f"{directory} belongs to uid {info.st_uid}, not to this proxy (uid {os.getuid()}); "
-            "choose another --approval-socket")
 
 
 def _reply(ok: bool = True, **fields: Any) -> dict[str, Any]:
@@ -75,26 +68,28 @@ class ApprovalServer:
         self.path = path
         self.approver_uids = {os.getuid(), 0, *approver_uids}
         self._server: asyncio.Server | None = None
+        self._identity: Identity | None = None
 
     async def start(self) -> None:
-        _prepare_directory(self.path.parent)
-        if self.path.is_socket():
-            self.path.unlink()  # left by a proxy that did not stop cleanly
-        elif self.path.exists():
-            raise SocketSetupError(f"{self.path} exists and is not a socket; remove it or "
-                                   "choose another --approval-socket")
-        old_umask = os.umask(0o177)
+        """Raises SocketSetupError (SocketInUseError if a live proxy answers on the path)."""
+        prepare_directory(self.path.parent)
+        await clear_stale_socket(self.path)
+        sock, identity = bind_socket(self.path)
         try:
             self._server = await asyncio.start_unix_server(
-                self._serve_client, path=str(self.path), limit=MAX_MESSAGE_BYTES)
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+                self._serve_client, sock=sock, limit=MAX_MESSAGE_BYTES, **_KEEP_SOCKET_FILE)
+        except BaseException:
+            sock.close()
+            release_socket(self.path, identity)
+            raise
+        self._identity = identity
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self.path.unlink(missing_ok=True)
+    async def stop(self) -> bool:
+        """Stop answering; False if the path no longer is our socket (then it is left alone)."""
+        if self._server is None or self._identity is None:
+            return True
+        self._server.close()
+        return release_socket(self.path, self._identity)
 
     async def _serve_client(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
@@ -122,9 +117,7 @@ class ApprovalServer:
                     logger.exception("approval request failed")
                     response, subscribe = _error("internal", f"internal error: {exc!r}"), False
                 if subscribe and subscription is None:
-                    def subscription(event: dict[str, Any]) -> None:
-                        writer.write(json.dumps({"v": PROTOCOL_VERSION, **event}).encode()
-                                     + b"\n")
+                    subscription = self._subscription(writer, uid)
                     self.approvals.subscribe(subscription)
                 await self._send(writer, response)
         except (ConnectionError, OSError):
@@ -133,6 +126,27 @@ class ApprovalServer:
             if subscription is not None:
                 self.approvals.unsubscribe(subscription)
             writer.close()
+
+    def _subscription(self, writer: asyncio.StreamWriter,
+                      uid: int) -> Callable[[dict[str, Any]], None]:
+        """Events for one approver, written without waiting: an approver that stops reading
+        must not hold up the proxy, nor make it buffer without limit, so past
+        MAX_SUBSCRIBER_BUFFER unread bytes it is dropped (it can reconnect and `list`)."""
+        transport = writer.transport
+
+        def send(event: dict[str, Any]) -> None:
+            if transport.is_closing():
+                return
+            writer.write(json.dumps({"v": PROTOCOL_VERSION, **event}).encode() + b"\n")
+            buffered = transport.get_write_buffer_size()
+            if buffered <= MAX_SUBSCRIBER_BUFFER:
+                return
+            self.approvals.unsubscribe(send)
+            self.audit.emit("approval.subscriber_dropped", uid=uid, buffered=buffered,
+                            limit=MAX_SUBSCRIBER_BUFFER)
+            transport.abort()  # discards what it holds; the reader loop sees the end
+
+        return send
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:

@@ -107,6 +107,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         try:
             await server.start()
         except (SocketSetupError, OSError) as exc:
+            audit.emit("approval.socket_refused", path=str(socket_path), reason=str(exc))
             print(f"agent-egress: cannot open the approval socket: {exc}", file=sys.stderr)
             return 2
         # What is loaded by now (modules, the policy: 300k objects at 100k rules) lives as long
@@ -122,7 +123,9 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         try:
             await proxy.run()
         finally:
-            await server.stop()
+            if not await server.stop():
+                print(f"agent-egress: {socket_path} is no longer the socket this proxy created; "
+                      "left it in place", file=sys.stderr)
             if telemetry is not None:
                 telemetry.shutdown()
         return 0
