@@ -39,6 +39,7 @@ _X_PROXY_ERROR = {
     Reason.NOT_ALLOWLISTED: "blocked-by-allowlist",
     Reason.NEEDS_APPROVAL: "blocked-by-allowlist",
     Reason.APPROVAL_TIMEOUT: "blocked-by-allowlist",
+    Reason.APPROVAL_QUEUE_FULL: "blocked-by-allowlist",
 }
 _PROXY_STATUS_ERROR = {
     Reason.PRIVATE_ADDRESS: "destination_ip_prohibited",

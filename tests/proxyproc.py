@@ -48,8 +48,12 @@ class ProxyProcess:
     def env(self) -> dict[str, str]:
         """The proxy's (and its approvers') environment: XDG dirs of its own, nothing shared."""
         env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
-        env.update(PYTHONUNBUFFERED="1", XDG_CONFIG_HOME=str(self.workdir / "config"),
-                   XDG_STATE_HOME=str(self.workdir / "state"))
+        home = self.workdir / "home"
+        home.mkdir(exist_ok=True)
+        env.update(PYTHONUNBUFFERED="1", HOME=str(home),
+                   XDG_CONFIG_HOME=str(self.workdir / "config"),
+                   XDG_STATE_HOME=str(self.workdir / "state"),
+                   XDG_CACHE_HOME=str(self.workdir / "cache"))
         env.update(self.extra_env)
         return env
 
