@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import structlog
+from agent_egress.policy.files import UnsafePath, open_append
 from mitmproxy import ctx, exceptions
 
 EVENT_SCHEMA_VERSION = 1
@@ -61,10 +62,11 @@ class AuditLog:
         else:
             path = Path(target) if target else default_audit_log_path()
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                stream = path.open("a", encoding="utf-8", buffering=1)
-            except OSError as exc:
-                raise exceptions.OptionsError(f"cannot open audit log {path}: {exc}") from exc
+                # Never through a link, never a file or directory others could replace: an
+                # agent that planted one would have the proxy append to any file it can write.
+                stream = open_append(path, "--audit-log")
+            except (OSError, UnsafePath) as exc:
+                raise exceptions.OptionsError(f"cannot open the audit log: {exc}") from exc
             self._file = stream
         self._logger = structlog.wrap_logger(
             structlog.WriteLogger(stream),

@@ -198,12 +198,13 @@ class Enforcer:
 
     def persist_rule(self, action: Action, host: str, port: int | None) -> None:
         """Write an `always` decision to the user policy file and start using it."""
-        from agent_egress.policy.writer import add_rule_to_file  # tomlkit: only when needed
+        from agent_egress.policy.writer import add_rule_to_file, rule_pattern  # tomlkit
 
         assert self.policy is not None
         path = Path(ctx.options.policy_file or default_user_policy_path())
         in_ports = port is None or port in self.policy.settings.ports
-        add_rule_to_file(path, action, host if in_ports else f"{host}:{port}")
+        add_rule_to_file(path, action, rule_pattern(host, None if in_ports else port),
+                         may_create=not ctx.options.policy_file)
         if ctx.options.policy_file != str(path):
             ctx.options.update(policy_file=str(path))
         else:

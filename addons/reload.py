@@ -11,10 +11,13 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from agent_egress.policy import PolicyError
+from agent_egress.policy import PolicyError, Problem
+from agent_egress.policy.files import FileTrust, policy_file_trust
 from mitmproxy import ctx
 
 from .auditlog import AuditLog
@@ -35,12 +38,29 @@ class PolicyReload:
         self._signature: tuple[Any, ...] = ()
         self._loaded_at = _now()
         self._failure: dict[str, Any] | None = None
+        self._trust = FileTrust()
 
     def load(self, loader: Any) -> None:
         loader.add_option("reload_interval", float, 1.0,
                           "Seconds between checks for changed policy files; 0 turns it off.")
+        loader.add_option("managed_owners", Sequence[int], [],
+                          "Uids besides root that may own the managed policy (an admin account).")
+        loader.add_option("agent_uid", int, -1,
+                          "The uid the agent runs as, when known (-1: unknown).")
+
+    def file_trust(self) -> FileTrust:
+        """Who can change the policy files, as checked now (the user file may have been
+        replaced by one the agent can write since the proxy started)."""
+        policy = self.enforcer.policy
+        return policy_file_trust(
+            Path(ctx.options.policy_file) if ctx.options.policy_file else None,
+            Path(ctx.options.managed_policy_file) if ctx.options.managed_policy_file else None,
+            managed_owners=ctx.options.managed_owners,
+            agent_uid=ctx.options.agent_uid if ctx.options.agent_uid >= 0 else None,
+            protected=bool(policy and policy.settings.protected_file))
 
     def running(self) -> None:
+        self._trust = self.file_trust()
         self._signature = self._files_signature()
         self._loaded_at = _now()
         if ctx.options.reload_interval > 0:
@@ -72,7 +92,11 @@ class PolicyReload:
                 self.reload("file changed")
 
     def reload(self, why: str = "requested") -> bool:
+        trust = self.file_trust()
         try:
+            if trust.refusals:
+                raise PolicyError(ctx.options.managed_policy_file or ctx.options.policy_file,
+                                  [Problem(refusal) for refusal in trust.refusals])
             policy = self.enforcer.reload()
         except PolicyError as exc:
             self._failure = {"at": _now(), "why": why, "error": str(exc)}
@@ -80,6 +104,7 @@ class PolicyReload:
                             problems=[p.render(exc.path) for p in exc.problems])
             logger.error(f"policy reload failed, the previous policy stays in force:\n{exc}")
             return False
+        self._trust = trust
         self._failure = None
         self._loaded_at = _now()
         with contextlib.suppress(Exception):
@@ -102,4 +127,5 @@ class PolicyReload:
             "loaded_at": self._loaded_at,
             "violations": list(policy.problems) if policy else [],
             "last_reload_failure": self._failure,
+            "file_warnings": list(self._trust.warnings),
         }

@@ -293,6 +293,7 @@ class Settings:
     approval_scopes: frozenset[str] = frozenset({"once", "session", "always"})
     managed_allowed_domains_only: bool = False
     telemetry_required: bool = False
+    protected_file: bool = False  # refuse a user policy file others can change
     identity: tuple[tuple[IPNetwork, str], ...] = ()  # most specific network first
     header_timeout: float = 30.0  # seconds a client may take to send a request head
     max_connections_per_client: int = 256

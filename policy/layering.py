@@ -230,6 +230,7 @@ def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
             req.allowed_approval_scopes is not None) else Settings.approval_scopes,
         managed_allowed_domains_only=bool(req and req.managed_allowed_domains_only),
         telemetry_required=bool(req and req.telemetry_required),
+        protected_file=bool(req and req.protected_file),
         **_limits(user, managed, violations),
     )
 

@@ -101,7 +101,7 @@ class Requirements(_Strict):
     default_floor: DefaultAction | None = None
     allowed_ports: list[Port] | None = None
     telemetry_required: bool = False
-    protected_file: bool = False  # refuse to start when the managed file is writable by others
+    protected_file: bool = False  # refuse a user policy file another uid (or the agent) can change
 
 
 class TelemetrySettings(_Strict):

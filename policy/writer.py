@@ -1,13 +1,12 @@
 """Adding rules to a policy file the way a person would: comments and layout kept, atomically.
 
 Used by `always` approvals. The new file is validated before it replaces the old one, so a
-write never leaves a policy that does not load.
+write never leaves a policy that does not load, and it is written without following a link an
+agent could have planted in its place.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import tomlkit
@@ -15,6 +14,7 @@ from tomlkit.items import Array
 
 from .engine import Action
 from .errors import PolicyError, Problem
+from .files import UnsafePath, read_own_file, replace_file
 from .loader import builtin_policy_text, parse_policy
 
 
@@ -38,24 +38,39 @@ def add_rule_to_text(text: str, action: Action, pattern: str) -> str:
     return tomlkit.dumps(document)
 
 
-def add_rule_to_file(path: Path, action: Action, pattern: str) -> None:
-    """Append a rule to a policy file atomically; a missing file starts from the built-in one."""
+def rule_pattern(host: str, port: int | None) -> str:
+    """The pattern for exactly this destination: an IPv6 address with a port in brackets, or
+    `2001:db8::1:8443` would name another address on no port at all."""
+    if port is None:
+        return host
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port}"
+
+
+def add_rule_to_file(path: Path, action: Action, pattern: str, *,
+                     may_create: bool = False) -> None:
+    """Append a rule to the user policy file, atomically, without following links.
+
+    A file that is missing is refused unless ``may_create`` (the proxy runs the built-in
+    policy, so there was none): a user file that vanished while the proxy used it is never
+    replaced by the built-in one. A file that does not load is refused too; either way the
+    policy in force stays.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
-        mode = path.stat().st_mode & 0o7777
+        text, mode = read_own_file(path, "the user policy file")
     except FileNotFoundError:
+        if not may_create:
+            raise PolicyError(str(path), [Problem(
+                "the user policy file is gone; nothing was written and the policy loaded "
+                "before stays in force; restore the file (or restart the proxy), then decide "
+                "again")]) from None
         text, mode = builtin_policy_text(), 0o644
+    except UnsafePath as exc:
+        raise PolicyError(str(path), [Problem(f"{exc}; nothing was written")]) from None
+    parse_policy(text, str(path))  # the file as it is must load, or nothing is added to it
     new_text = add_rule_to_text(text, action, pattern)
     parse_policy(new_text, str(path))  # never write a file that would not load
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(new_text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except OSError as exc:
-        Path(temporary).unlink(missing_ok=True)
+        replace_file(path, new_text, mode, "the user policy file")
+    except (OSError, UnsafePath) as exc:
         raise PolicyError(str(path), [Problem(f"cannot write the policy file: {exc}")]) from exc

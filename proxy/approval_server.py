@@ -58,17 +58,40 @@ def _error(code: str, message: str) -> dict[str, Any]:
     return _reply(False, error={"code": code, "message": message})
 
 
+def separation(approvers: set[int], agent_uid: int | None) -> str:
+    """Whether the agent can approve its own requests, in words for the banner and health."""
+    uids = ", ".join(str(uid) for uid in sorted(approvers))
+    if agent_uid is None:
+        return (f"NOT SEPARATED unless the agent runs as another user: the approval socket "
+                f"admits uids {uids}, and an agent running as one of them can approve its own "
+                "requests (run it as another user: agent-egress run --agent-user USER)")
+    if agent_uid in approvers:
+        return (f"NOT SEPARATED: the agent runs as uid {agent_uid}, which the approval socket "
+                "admits, so it can approve its own requests")
+    return (f"separated: the agent runs as uid {agent_uid}, which the approval socket refuses "
+            f"(approvers: uids {uids})")
+
+
 class ApprovalServer:
     def __init__(self, approvals: Approvals, audit: AuditLog, path: Path,
                  approver_uids: Iterable[int] = (),
-                 status: Callable[[], dict[str, Any]] | None = None) -> None:
+                 status: Callable[[], dict[str, Any]] | None = None,
+                 agent_uid: int | None = None) -> None:
         self.approvals = approvals
         self.status = status
         self.audit = audit
         self.path = path
         self.approver_uids = {os.getuid(), 0, *approver_uids}
+        self.agent_uid = agent_uid
         self._server: asyncio.Server | None = None
         self._identity: Identity | None = None
+
+    def full_status(self) -> dict[str, Any]:
+        """The proxy's status (policy, reloads, file warnings) and who may approve."""
+        return {**(self.status() if self.status else {}),
+                "approvers": sorted(self.approver_uids),
+                "agent_uid": self.agent_uid,
+                "approval_separation": separation(self.approver_uids, self.agent_uid)}
 
     async def start(self) -> None:
         """Raises SocketSetupError (SocketInUseError if a live proxy answers on the path)."""
@@ -167,7 +190,7 @@ class ApprovalServer:
         if op == "ping":
             return _reply(pong=True), False
         if op == "status":
-            return _reply(status=self.status() if self.status else {}), False
+            return _reply(status=self.full_status()), False
         if op == "list":
             return _reply(pending=self.approvals.snapshot()), False
         if op == "subscribe":

@@ -17,6 +17,8 @@ import socket
 import stat
 from pathlib import Path
 
+from agent_egress.policy.files import UnsafePath, secure_directory
+
 PROBE_TIMEOUT = 2.0
 
 Identity = tuple[int, int]  # (st_dev, st_ino): which file the path names
@@ -34,81 +36,13 @@ def _identity(info: os.stat_result) -> Identity:
     return info.st_dev, info.st_ino
 
 
-def _ours(uid: int) -> bool:
-    return uid in (os.geteuid(), 0)
-
-
-def _check_directory(path: Path, info: os.stat_result) -> None:
-    """Nobody but this proxy's uid and root may rename or replace what is in the directory."""
-    if stat.S_ISLNK(info.st_mode):
-        raise SocketSetupError(
-            f"{path} is a symbolic link (to {os.readlink(path)}): whoever owns it can point it "
-            "elsewhere while the proxy runs; use a real directory for --approval-socket")
-    if not stat.S_ISDIR(info.st_mode):
-        raise SocketSetupError(f"{path} is not a directory; choose another --approval-socket")
-    if not _ours(info.st_uid):
-        raise SocketSetupError(
-            f"{path} belongs to uid {info.st_uid}, not to this proxy (uid {os.geteuid()}) or "
-            "root, so its owner could replace the socket; choose another --approval-socket")
-    mode = info.st_mode
-    if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
-        raise SocketSetupError(
-            f"{path} is writable by other users (mode {stat.S_IMODE(mode):04o}), so the socket "
-            "could be replaced; choose a private directory for --approval-socket")
-
-
-def _check_ancestor(path: Path, info: os.stat_result) -> None:
-    """A link above the socket's directory is followed if only we or root could have made
-    it (like /var/run -> /run), and then everything it leads through is checked too."""
-    if not stat.S_ISLNK(info.st_mode):
-        _check_directory(path, info)
-        return
-    if not _ours(info.st_uid):
-        raise SocketSetupError(
-            f"{path} is a symbolic link owned by uid {info.st_uid}, who can point it elsewhere "
-            "while the proxy runs; choose another --approval-socket")
-    real = Path(os.path.realpath(path))
-    for component in (*reversed(real.parents), real):
-        _check_directory(component, os.lstat(component))
-
-
-def _make_directory(path: Path) -> os.stat_result:
-    """mkdir 0700, then check (without following links) that what stands there is ours."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:  # made by someone else meanwhile: checked like any existing one
-        return os.lstat(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise SocketSetupError(f"{path} was replaced while it was being created ({exc.strerror})"
-                               "; check who else writes there") from None
-    try:
-        info = os.fstat(fd)
-        if info.st_uid == os.geteuid():
-            os.fchmod(fd, 0o700)  # mkdir's mode is filtered by the umask
-            info = os.fstat(fd)
-        return info
-    finally:
-        os.close(fd)
-
-
 def prepare_directory(directory: Path) -> None:
-    """Check every directory down to the socket's, creating the missing ones 0700.
-
-    An existing directory keeps its mode (it may be shared, like /tmp: the socket's own 0600
-    protects it), unless others could replace the socket in it.
-    """
-    directory = Path(os.path.abspath(directory))
-    for component in (*reversed(directory.parents), directory):
-        try:
-            info = os.lstat(component)
-        except FileNotFoundError:
-            info = _make_directory(component)
-        if component == directory:
-            _check_directory(component, info)
-        else:
-            _check_ancestor(component, info)
+    """Check every directory down to the socket's, creating the missing ones 0700 (see
+    policy.files.secure_directory: the rules the audit log and policy writes follow too)."""
+    try:
+        secure_directory(directory, "--approval-socket")
+    except UnsafePath as exc:
+        raise SocketSetupError(str(exc)) from None
 
 
 async def _listen_addresses(reader: asyncio.StreamReader,

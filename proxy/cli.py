@@ -21,7 +21,7 @@ from agent_egress.policy import (
     normalize_host,
     split_host_port,
 )
-from agent_egress.policy.files import DEFAULT_MANAGED_PATH, unprotected_reasons
+from agent_egress.policy.files import DEFAULT_MANAGED_PATH, policy_file_trust
 from agent_egress.policy.loader import read_policy_file
 from agent_egress.policy.presets import presets
 
@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--approver-uid", metavar="UID", type=int, action="append", default=[],
                        help="another uid allowed to approve (the proxy's own uid and root "
                             "always are; the socket's file permissions must let it in too)")
+    serve.add_argument("--agent-uid", metavar="UID", type=int,
+                       help="the uid the agent runs as, when known (run --agent-user sets it): "
+                            "the proxy then says whether the agent could approve its own "
+                            "requests or change the policy files")
+    serve.add_argument("--managed-owner", metavar="UID", type=int, action="append", default=[],
+                       help="an admin uid besides root that may own the managed policy "
+                            "(repeatable); a managed file anyone else can change is refused")
     approval_cli.add_socket_option(serve)
 
     approval_cli.add_parsers(commands)
@@ -212,7 +219,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def _print_explanation(result: dict[str, Any]) -> None:
     """The text form: the target (as typed) and rule texts are shown as data, never control."""
     decision = printable(str(result["decision"]).upper())
-    print(f"{host_display(str(result['host']), result['port'])}  {decision}")
+    host = str(result["host"])
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address with a port: bracketed
+    print(f"{host_display(shown, result['port'])}  {decision}")
     print(f"  why:    {printable(result['explanation'])}")
     print(f"  reason: {printable(result['reason'])}")
     if len(result["layers"]) > 1 or result.get("layer"):
@@ -291,6 +300,10 @@ def _print_running(running: dict[str, Any]) -> None:
         error = printable_lines(failure["error"]).replace("\n", "\n    ")
         print(f"  LAST RELOAD FAILED at {printable(failure['at'])} ({printable(failure['why'])})"
               f"; the policy loaded before stays in force:\n    {error}")
+    if separation := running.get("approval_separation"):
+        print(f"  approvals: {printable(separation)}")
+    for warning in running.get("file_warnings") or ():
+        print(f"  WARNING: {printable(warning)}")
 
 
 def _running_status(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -353,7 +366,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  managed_file=_managed(args), telemetry=telemetry,
                  audit_log=args.audit_log, resolve=args.resolve,
                  socket_path=args.approval_socket or default_socket_path(),
-                 approver_uids=args.approver_uid, extra={"dns_timeout": args.dns_timeout})
+                 approver_uids=args.approver_uid, agent_uid=args.agent_uid,
+                 managed_owners=args.managed_owner, extra={"dns_timeout": args.dns_timeout})
 
 
 def _serve_preflight(args: argparse.Namespace) -> tuple[int | None, Telemetry | None]:
@@ -368,18 +382,14 @@ def _serve_preflight(args: argparse.Namespace) -> tuple[int | None, Telemetry | 
     policy = _load(config, args.resolve, managed)  # a bad file never starts a proxy
     for problem in policy.problems:
         print(f"agent-egress: warning: {printable(problem)}", file=sys.stderr)
-    if managed is not None and (reasons := unprotected_reasons(Path(managed))):
-        requirements = read_policy_file(managed).model.requirements
-        refuse = bool(requirements and requirements.protected_file)
-        print(f"agent-egress: {'ERROR' if refuse else 'WARNING'}: the managed policy {managed} "
-              "can be changed by users other than root, so it does not bind them:",
-              file=sys.stderr)
-        for reason in reasons:
-            print(f"  - {reason}", file=sys.stderr)
-        if refuse:
-            print("  refusing to start (requirements.protected_file = true); make the file and "
-                  "its directory root-owned and not group/other-writable", file=sys.stderr)
-            return EXIT_USAGE, None
+    trust = policy_file_trust(Path(config) if config else None,
+                              Path(managed) if managed else None,
+                              managed_owners=args.managed_owner, agent_uid=args.agent_uid,
+                              protected=policy.settings.protected_file)
+    for refusal in trust.refusals:
+        print(f"agent-egress: refusing to start: {printable(refusal)}", file=sys.stderr)
+    if trust.refusals:
+        return EXIT_USAGE, None
     try:
         telemetry_settings = telemetry_config(
             read_policy_file(config) if config else None,

@@ -153,6 +153,10 @@ def cmd_health(args: argparse.Namespace) -> int:
     print(f"ok: listening on {listen}; policy {printable(status['policy'])}"
           f"; mode {printable(status['mode'])}; {pending} pending approvals"
           + ("; LAST RELOAD FAILED (previous policy in force)" if failure else ""))
+    if separation := status.get("approval_separation"):
+        print(f"approvals: {printable(separation)}")
+    for warning in status.get("file_warnings") or ():
+        print(f"WARNING: {printable(warning)}")
     return 0
 
 

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,10 +23,11 @@ from agent_egress.addons.proxyport import ProxyPort
 from agent_egress.addons.reload import PolicyReload
 from agent_egress.addons.tunnels import Tunnels
 from agent_egress.policy import CompiledPolicy
-from mitmproxy import ctx, options
+from mitmproxy import ctx, exceptions, options
 
 from .approval_server import ApprovalServer, SocketSetupError
 from .master import lean_master
+from .textsafe import printable
 
 if TYPE_CHECKING:
     from .telemetry import Telemetry
@@ -37,10 +38,12 @@ def proxy_env_lines(url: str) -> list[str]:
 
 
 class Announce:
-    """Tells the person starting the proxy where it listens and what the agent needs."""
+    """Tells the person starting the proxy where it listens, what the agent needs, and what
+    does not hold (approvals not separated from the agent, policy files others can change)."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, status: Callable[[], dict[str, Any]]) -> None:
         self.socket_path = socket_path
+        self.status = status
 
     def running(self) -> None:
         addresses = ctx.master.addons.get("proxyserver").listen_addrs()
@@ -53,7 +56,11 @@ class Announce:
         audit_log = ctx.options.audit_log or str(default_audit_log_path())
         print(f"agent-egress {version('agent-egress')} listening on {shown}:{port}", flush=True)
         print(f"policy: {policy}\naudit log: {audit_log}", flush=True)
-        print(f"approval socket: {self.socket_path} (agent-egress watch)", flush=True)
+        print(f"approval socket: {printable(self.socket_path)} (agent-egress watch)", flush=True)
+        status = self.status()
+        print(f"approvals: {status['approval_separation']}", flush=True)
+        for warning in status.get("file_warnings", ()):
+            print(f"WARNING: {printable(warning)}", flush=True)
         print("Set these in the agent's environment:", flush=True)
         for line in proxy_env_lines(url):
             print(f"  {line}", flush=True)
@@ -62,6 +69,7 @@ class Announce:
 def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
           managed_file: str | None, audit_log: str | None, resolve: list[str], socket_path: Path,
           approver_uids: Iterable[int] = (), telemetry: Telemetry | None = None,
+          agent_uid: int | None = None, managed_owners: Iterable[int] = (),
           extra: dict[str, Any] | None = None) -> int:
     async def main() -> int:
         opts = options.Options(listen_host=listen_host, listen_port=listen_port)
@@ -82,28 +90,34 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
 
             audit.add_sink(TelemetrySink(telemetry, lambda: tunnels.open_count,
                                          lambda: len(approvals.pending)).on_event)
+        server = ApprovalServer(approvals, audit, socket_path, approver_uids,
+                                status=reloader.status, agent_uid=agent_uid)
         # Order matters: identity before the enforcer; the proxy port and tunnel layer choices
         # before ClientLimits (which watches them); FailClosed last, to refuse what nothing
         # decided.
         proxy.addons.add(audit, pinning, approvals, Health(), AgentIdentity(policy, audit),
                           enforcer, port, tunnels, ClientLimits(audit, policy), reloader,
-                          Announce(socket_path), FailClosed(audit))
-        opts.update(
-            # Nothing connects upstream before the policy has decided and pinned an address.
-            connection_strategy="lazy",
-            # No raw TCP fallback anywhere (a 101 to an unknown protocol closes the client).
-            rawtcp=False,
-            # Plain-HTTP bodies are streamed, never buffered whole in the proxy.
-            stream_large_bodies="1m",
-            termlog_verbosity="warn",
-            policy_file=policy_file or "",
-            managed_policy_file=managed_file or "",
-            resolve_overrides=resolve,
-            audit_log=audit_log or "",
-            **(extra or {}),
-        )
-        server = ApprovalServer(approvals, audit, socket_path, approver_uids,
-                                status=reloader.status)
+                          Announce(socket_path, server.full_status), FailClosed(audit))
+        try:
+            opts.update(
+                # Nothing connects upstream before the policy has decided and pinned an address.
+                connection_strategy="lazy",
+                # No raw TCP fallback anywhere (a 101 to an unknown protocol closes the client).
+                rawtcp=False,
+                # Plain-HTTP bodies are streamed, never buffered whole in the proxy.
+                stream_large_bodies="1m",
+                termlog_verbosity="warn",
+                policy_file=policy_file or "",
+                managed_policy_file=managed_file or "",
+                resolve_overrides=resolve,
+                audit_log=audit_log or "",
+                managed_owners=list(managed_owners),
+                agent_uid=-1 if agent_uid is None else agent_uid,
+                **(extra or {}),
+            )
+        except exceptions.OptionsError as exc:
+            print(f"agent-egress: {printable(exc)}", file=sys.stderr)
+            return 2
         try:
             await server.start()
         except (SocketSetupError, OSError) as exc:

@@ -15,6 +15,11 @@ from pathlib import Path
 _LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
 
 
+def owner_args() -> tuple[str, ...]:
+    """A managed file must be root's; a test run by another user names itself the admin."""
+    return () if os.geteuid() == 0 else ("--managed-owner", str(os.geteuid()))
+
+
 class ProxyProcess:
     def __init__(self, workdir: Path, policy: str | None, *extra_args: str,
                  env: dict[str, str] | None = None, listen: str = "127.0.0.1:0",

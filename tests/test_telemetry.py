@@ -8,7 +8,7 @@ import time
 
 import pytest
 from otlp import GrpcReceiver, HttpReceiver, StallingCollector, closed_port_endpoint
-from proxyproc import ProxyProcess
+from proxyproc import ProxyProcess, owner_args
 from test_approvals import ask_policy, start_curl, wait_pending
 
 
@@ -168,7 +168,7 @@ def test_managed_policy_can_require_telemetry(tmp_path, http_receiver, plain_ori
     user.write_text("version = 1\n[telemetry]\nenabled = false\n")
     env = {**otel_env(http_receiver.endpoint), "OTEL_SDK_DISABLED": "true"}
     process = ProxyProcess(tmp_path / "p", None, "--config", str(user), "--managed", str(managed),
-                           "--resolve", "allowed.test=127.0.0.1", env=env)
+                           *owner_args(), "--resolve", "allowed.test=127.0.0.1", env=env)
     try:
         curl(client_env, process.url, f"http://allowed.test:{plain_origin.port}/hello")
     finally:
@@ -176,7 +176,8 @@ def test_managed_policy_can_require_telemetry(tmp_path, http_receiver, plain_ori
     http_receiver.received.wait_for(lambda: http_receiver.received.events("request.decided"))
     # Without an endpoint, a required export cannot start: say so and stop.
     result = subprocess.run([sys.executable, "-m", "agent_egress.proxy", "serve", "--config",
-                             str(user), "--managed", str(managed), "--listen", "127.0.0.1:0"],
+                             str(user), "--managed", str(managed), *owner_args(),
+                             "--listen", "127.0.0.1:0"],
                             capture_output=True, text=True, timeout=30,
                             env={k: v for k, v in process.env().items()
                                  if not k.startswith("OTEL_")})
