@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .approval_client import ApprovalClient
+from .approval_client import ApprovalClient, find_socket
 from .paths import default_socket_path
 from .textsafe import host_display, printable
 from .watch_screen import WatchScreen
@@ -52,7 +52,7 @@ def add_parsers(commands: Any) -> None:
 
 
 def _socket(args: argparse.Namespace) -> Path:
-    return args.approval_socket or default_socket_path()
+    return find_socket(args.approval_socket)
 
 
 def describe(pending: dict[str, Any]) -> str:

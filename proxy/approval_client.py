@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .paths import default_socket_path
+
 PROTOCOL_VERSION = 1
 
 
@@ -91,3 +93,33 @@ class ApprovalClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _answers(path: Path) -> bool:
+    try:
+        with ApprovalClient(path, timeout=2) as client:
+            client.request("ping")
+    except (ApprovalClientError, OSError, ValueError):
+        return False
+    return True
+
+
+def find_socket(explicit: Path | None) -> Path:
+    """The approval socket a command talks to: the one given; else the default one when a
+    proxy answers there; else the one proxy `agent-egress run` started, if exactly one answers
+    (its socket sits beside the default one). Several: the error lists them."""
+    if explicit is not None:
+        return explicit
+    default = default_socket_path()
+    if _answers(default):
+        return default
+    try:
+        candidates = sorted(default.parent.glob("run-*.sock"))
+    except OSError:
+        return default
+    live = [path for path in candidates if _answers(path)]
+    if len(live) > 1:
+        listed = ", ".join(str(path) for path in live)
+        raise ApprovalClientError(f"several proxies started by 'agent-egress run' answer: "
+                                  f"{listed}; choose one with --approval-socket PATH")
+    return live[0] if live else default

@@ -15,7 +15,6 @@ from agent_egress.policy import (
     CompiledPolicy,
     InvalidHost,
     PolicyError,
-    default_user_policy_path,
     load_policy,
     non_public_reason,
     normalize_host,
@@ -26,8 +25,8 @@ from agent_egress.policy.loader import read_policy_file
 from agent_egress.policy.presets import presets
 
 from . import approval_cli, launch
-from .approval_client import ApprovalClient, ApprovalClientError
-from .paths import default_socket_path
+from .approval_client import ApprovalClient, ApprovalClientError, find_socket
+from .paths import default_socket_path, managed_policy_file, user_policy_file
 from .textsafe import host_display, printable, printable_lines
 
 if TYPE_CHECKING:
@@ -136,15 +135,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> str | None:
-    if getattr(args, "config", None):
-        return args.config
-    return str(default_user_policy_path()) if default_user_policy_path().exists() else None
+    return user_policy_file(getattr(args, "config", None))
 
 
 def _managed(args: argparse.Namespace) -> str | None:
-    if getattr(args, "managed", None):
-        return args.managed
-    return str(DEFAULT_MANAGED_PATH) if DEFAULT_MANAGED_PATH.exists() else None
+    return managed_policy_file(getattr(args, "managed", None))
 
 
 def _load(path: str | None, resolve: Sequence[str] = (),
@@ -308,7 +303,7 @@ def _print_running(running: dict[str, Any]) -> None:
 
 def _running_status(args: argparse.Namespace) -> dict[str, Any] | None:
     try:
-        with ApprovalClient(args.approval_socket or default_socket_path(), timeout=5) as client:
+        with ApprovalClient(find_socket(args.approval_socket), timeout=5) as client:
             return client.request("status")["status"]
     except (ApprovalClientError, OSError, ValueError):
         return None

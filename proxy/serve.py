@@ -34,7 +34,11 @@ if TYPE_CHECKING:
 
 
 def proxy_env_lines(url: str) -> list[str]:
-    return [f"{name}={url}" for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy")]
+    """Both cases: curl and others ignore upper-case HTTP_PROXY (a CGI safety rule), so
+    without http_proxy plain HTTP would leave without the proxy. http_proxy comes last."""
+    return ["NO_PROXY=", "no_proxy=",
+            *(f"{name}={url}" for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy",
+                                           "http_proxy"))]
 
 
 class Announce:
