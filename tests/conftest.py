@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import ssl
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,49 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from origins import CountingServer  # noqa: E402
 from proxyproc import ProxyProcess  # noqa: E402
+
+# Every test, and every process a test starts, gets a HOME and XDG directories of its own: set
+# here, before any fixture or subprocess exists. The real home is checked at the end.
+HOME_VARIABLES = ("HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME",
+                  "XDG_DATA_HOME", "XDG_RUNTIME_DIR")
+REAL_HOME = Path(os.environ.get("AGENT_EGRESS_TEST_REAL_HOME") or Path.home())
+# What agent-egress (or mitmproxy) would write in a home; each is watched for changes.
+WATCHED = (".local/state/agent-egress", ".config/agent-egress", ".cache/agent-egress",
+           ".mitmproxy")
+
+
+def _snapshot(home: Path) -> dict[str, object]:
+    state: dict[str, object] = {}
+    for relative in WATCHED:
+        root = home / relative
+        if not root.exists():
+            state[relative] = None
+            continue
+        state[relative] = sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size)
+                                 for p in root.rglob("*"))
+    return state
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    base = Path(tempfile.mkdtemp(prefix="agent-egress-test-home-"))
+    for name in HOME_VARIABLES:
+        directory = base / name.lower()
+        directory.mkdir(mode=0o700)
+        os.environ[name] = str(directory)
+    config.stash[_HOME_KEY] = _snapshot(REAL_HOME)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = session.config.stash.get(_HOME_KEY, None)
+    if before is not None and _snapshot(REAL_HOME) != before:
+        changed = [k for k, v in _snapshot(REAL_HOME).items() if before.get(k) != v]
+        print(f"\nFAILED: the test run wrote to the real home {REAL_HOME}: {changed}",
+              file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_HOME_KEY = pytest.StashKey[dict]()
+
 
 # Names the tests use; all are mapped to loopback with the proxy's own --resolve setting.
 TLS_NAMES = ["allowed.test", "other.test", "evil.test", "sub.wild.test", "deep.sub.wild.test",
