@@ -449,6 +449,49 @@ def test_forwarded_request_names_the_decided_host_unambiguously(deny_proxy, reco
     assert len(hosts) == 1 and b"allowed.test" in hosts[0], forwarded
 
 
+# -- managed policy -------------------------------------------------------------------------
+
+_MANAGED = """version = 1
+[network]
+allow = ["allowed.test"]
+deny = ["other.test"]
+ports = [80, 443, {port}]
+allowed_cidrs = ["127.0.0.0/8"]
+{extra}
+[resolve]
+"allowed.test" = "127.0.0.1"
+"other.test" = "127.0.0.1"
+"elsewhere.test" = "127.0.0.1"
+"""
+
+
+@pytest.mark.parametrize("managed_extra, user, host", [
+    ("", 'version = 1\nmode = "audit"\n', "other.test"),
+    ("[requirements]\nallowlist_expansion = false\n",
+     'version = 1\n[network]\ndefault = "allow"\n', "elsewhere.test"),
+], ids=["audit-mode-vs-managed-deny", "default-allow-vs-allowlist-expansion"])
+def test_user_layer_cannot_loosen_a_managed_policy(recorder, tmp_path, managed_extra, user,
+                                                   host) -> None:
+    """The user file (live-reloaded, writable by an agent running as the user) may only
+    tighten the managed one. Unless the administrator wrote `mode` or `default` explicitly,
+    `mode = "audit"` lets a managed deny through, and `default = "allow"` opens every host
+    despite allowlist_expansion = false; no warning either way."""
+    managed = tmp_path / "managed.toml"
+    managed.write_text(_MANAGED.format(port=recorder.port, extra=managed_extra))
+    process = ProxyProcess(tmp_path / "p", user, "--managed", str(managed))
+    try:
+        before = len(recorder.connections)
+        sock = connect(process.port)
+        sock.sendall(f"GET http://{host}:{recorder.port}/exfil HTTP/1.1\r\n"
+                     f"Host: {host}:{recorder.port}\r\n\r\n".encode())
+        answer = read_all(sock, timeout=3)
+        time.sleep(0.3)
+        assert len(recorder.connections) == before, f"{host} was reached: {answer[:40]!r}"
+        assert answer.startswith(b"HTTP/1.1 403"), answer[:80]
+    finally:
+        process.stop()
+
+
 # -- CIDR deny rules and names -------------------------------------------------------------
 
 
