@@ -137,3 +137,79 @@ def _sniff_http(data: bytes) -> Sniffed | None:
     if len(data) < MAX_REQUEST_LINE and _REQUEST_LINE_PREFIX.fullmatch(data):
         return None  # could still become a request line
     return Sniffed("tcp")
+
+
+HELLO_RETRY_RANDOM = bytes.fromhex(
+    "cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")  # RFC 8446 4.1.3
+
+
+class HelloRetryWatch:
+    """A passed-through TLS handshake, until it can no longer bring a new ClientHello.
+
+    TLS 1.3 lets a server answer the first ClientHello with a HelloRetryRequest, and the
+    client then sends a second ClientHello in the clear: it must name the same server as the
+    first, or the SNI check on the first is moot. The server's first handshake message says
+    which: a ServerHello ends the watch; a HelloRetryRequest makes the client's next bytes
+    (after any change_cipher_spec records) a ClientHello to hold and judge before relaying.
+    """
+
+    __slots__ = ("_server", "_client", "retry")
+
+    def __init__(self) -> None:
+        self._server = bytearray()
+        self._client = bytearray()
+        self.retry = False  # the server asked for a second ClientHello
+
+    def server_bytes(self, data: bytes) -> bool:
+        """Feed the server's bytes; whether to keep watching."""
+        self._server += data
+        first = _first_handshake_message(self._server)
+        if first is None:
+            return len(self._server) < MAX_CLIENT_HELLO  # wait, but not forever
+        kind, body = first
+        self.retry = kind == 2 and body[2:34] == HELLO_RETRY_RANDOM
+        self._server.clear()
+        return self.retry
+
+    def client_bytes(self, data: bytes) -> Sniffed | None:
+        """Feed the client's bytes after a HelloRetryRequest; the verdict on its second
+        ClientHello, None while it is incomplete (the bytes are held meanwhile)."""
+        self._client += data
+        rest = _after_change_cipher_spec(bytes(self._client))
+        if rest is None:
+            return None
+        return sniff(rest) if rest else None
+
+    def held(self) -> bytes:
+        return bytes(self._client)
+
+
+def _first_handshake_message(data: bytearray) -> tuple[int, bytes] | None:
+    """The type and the first 34 body bytes of the first handshake message in TLS records;
+    (0, b"") when the first record is not a handshake (an alert): not a retry either way."""
+    handshake, offset = bytearray(), 0
+    while len(handshake) < 38:
+        header = data[offset:offset + 5]
+        if len(header) < 5:
+            return None
+        if header[0] != _HANDSHAKE:
+            return 0, b""
+        length = int.from_bytes(header[3:5], "big")
+        handshake += data[offset + 5:offset + 5 + length]
+        if len(data) < offset + 5 + length and len(handshake) < 38:
+            return None
+        offset += 5 + length
+    return handshake[0], bytes(handshake[4:38])
+
+
+def _after_change_cipher_spec(data: bytes) -> bytes | None:
+    """The bytes after any leading change_cipher_spec records (sent for middlebox
+    compatibility); None while one is incomplete."""
+    while data[:1] == b"\x14":
+        if len(data) < 5:
+            return None
+        end = 5 + int.from_bytes(data[3:5], "big")
+        if len(data) < end:
+            return None
+        data = data[end:]
+    return data

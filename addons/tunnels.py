@@ -32,7 +32,7 @@ from .auditlog import AuditLog
 from .enforce import decision_fields
 from .identity import agent_of
 from .pinning import UpstreamPinning
-from .sniff import Sniffed, sniff
+from .sniff import HelloRetryWatch, Sniffed, sniff
 
 
 @dataclass(slots=True)
@@ -73,25 +73,59 @@ class _EventQueue(list):
 
 
 class CountingPassthrough(layers.TCPLayer):
-    """mitmproxy's TCP relay without a flow object, counting bytes for the tunnel event."""
+    """mitmproxy's TCP relay without a flow object, counting bytes for the tunnel event.
 
-    __slots__ = ("tunnel",)  # a slot, not an instance-dict key: the dict stays its size
+    For TLS it also watches the handshake until no second ClientHello can come (see
+    HelloRetryWatch): one asked for by a HelloRetryRequest is held and judged by ``judge``
+    before a byte of it is relayed.
+    """
 
-    def __init__(self, context: Any, tunnel: Tunnel) -> None:
+    # Slots, not instance-dict keys: the dict stays its size (this is what idle tunnels hold).
+    __slots__ = ("tunnel", "watch", "judge")
+
+    def __init__(self, context: Any, tunnel: Tunnel, watch: HelloRetryWatch | None = None,
+                 judge: Callable[[Sniffed], bool] | None = None) -> None:
         super().__init__(context, ignore=True)
         self.tunnel = tunnel
+        self.watch = watch
+        self.judge = judge
         queue = getattr(self, "_paused_event_queue", None)
         if isinstance(queue, collections.deque) and not queue:  # as mitmproxy 12 builds it
             self._paused_event_queue = _EventQueue()
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        # Counts, then hands back mitmproxy's own generator: no generator of ours per event.
+        # Counts, then hands back mitmproxy's own generator: no generator of ours per event
+        # once the handshake can no longer bring a new ClientHello.
         if isinstance(event, events.DataReceived):
-            if event.connection is self.context.client:
+            from_client = event.connection is self.context.client
+            if from_client:
                 self.tunnel.bytes_up += len(event.data)
             else:
                 self.tunnel.bytes_down += len(event.data)
+            if self.watch is not None:
+                return self._watched(event, from_client)
         return super().handle_event(event)
+
+    def _watched(self, event: events.DataReceived,
+                 from_client: bool) -> layer.CommandGenerator[None]:
+        assert self.watch is not None
+        if not from_client:
+            if not self.watch.server_bytes(event.data):
+                self.watch = None
+            yield from super().handle_event(event)
+            return
+        if not self.watch.retry:
+            yield from super().handle_event(event)  # early data before the server answered
+            return
+        verdict = self.watch.client_bytes(event.data)
+        if verdict is None:
+            return  # held until the second ClientHello is complete
+        held, self.watch = self.watch.held(), None
+        if self.judge is not None and not self.judge(verdict):
+            yield commands.CloseConnection(self.context.client)
+            yield commands.CloseConnection(self.context.server)
+            return
+        yield from super().handle_event(events.DataReceived(self.context.client, held))
 
 
 class CloseClient(layer.Layer):
@@ -154,8 +188,27 @@ class Tunnels:
         tunnel.protocol = sniffed.protocol
         if sniffed.protocol == "http":
             self._replace(nextlayer, self.http_layer(nextlayer.context))
+        elif sniffed.protocol == "tls":
+            def judge(second: Sniffed) -> bool:
+                return self._judge_second_hello(second, tunnel)
+
+            self._replace(nextlayer, CountingPassthrough(nextlayer.context, tunnel,
+                                                         HelloRetryWatch(), judge))
         else:
             self._replace(nextlayer, CountingPassthrough(nextlayer.context, tunnel))
+
+    def _judge_second_hello(self, sniffed: Sniffed, tunnel: Tunnel) -> bool:
+        """The ClientHello a HelloRetryRequest asked for: judged like the first."""
+        refusal = self._refusal(sniffed, tunnel) if sniffed.protocol == "tls" else (
+            self._decision(tunnel, Reason.TUNNEL_PROTOCOL, f"the tunnel to {tunnel.host} sent "
+                           "something else than a ClientHello after a HelloRetryRequest"))
+        if refusal is None:
+            return True
+        if self._auditing():
+            self._log_refusal(tunnel, refusal, sniffed.sni, audit_mode=True)
+            return True
+        self._log_refusal(tunnel, refusal, sniffed.sni)
+        return False
 
     def _refusal(self, sniffed: Sniffed, tunnel: Tunnel) -> Decision | None:
         """Why a tunnel's first bytes may not go on to its upstream; None when they may."""

@@ -8,8 +8,12 @@ whether anything was relayed.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
+import subprocess
+import time
+from collections.abc import Iterator
 
 import pytest
 from conftest import policy_text
@@ -197,3 +201,43 @@ def test_record_larger_than_tls_allows_is_cut(proxy, tls_origin) -> None:
     sock.sendall(b"\x16\x03\x01" + struct.pack("!H", 0xFFFF))
     assert closed_by_peer(sock)
     _refusal(proxy, "tunnel_protocol", mark, port=tls_origin.port)
+
+
+@pytest.fixture
+def hrr_origin(ca, tmp_path) -> Iterator[int]:
+    """OpenSSL's s_server that accepts only P-256: a client guessing X25519 first gets a
+    HelloRetryRequest, as real clients do whenever they guess the wrong group."""
+    cert = ca.issue_cert("allowed.test")
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", str(tmp_path / "cert.pem"),
+         "-key", str(tmp_path / "key.pem"), "-groups", "P-256", "-tls1_3", "-www", "-quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(50):
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            break
+        time.sleep(0.1)
+    yield port
+    server.kill()
+    server.wait()
+
+
+def test_hello_retry_request_with_the_same_name_completes(tmp_path, tls_origin,
+                                                         plain_origin, hrr_origin) -> None:
+    text = policy_text(tls_origin.port, plain_origin.port, hrr_origin)
+    process = ProxyProcess(tmp_path / "p", text)
+    try:
+        result = subprocess.run(
+            ["openssl", "s_client", "-proxy", f"127.0.0.1:{process.port}", "-connect",
+             f"allowed.test:{hrr_origin}", "-servername", "allowed.test",
+             "-groups", "X25519:P-256", "-tls1_3", "-msg", "-ign_eof"],
+            input="GET / HTTP/1.0\r\n\r\n", capture_output=True, text=True, timeout=30)
+        assert result.stdout.count("ServerHello") == 2, result.stdout[-2000:]  # HRR, then SH
+        assert "HTTP/1.0 200 ok" in result.stdout
+    finally:
+        process.stop()
+    assert not [e for e in process.events("request.decided") if e["decision"] == "deny"]
