@@ -33,6 +33,7 @@ from agent_egress.policy import (
 from mitmproxy import connection, http
 from mitmproxy.connection import ConnectionState
 
+from . import connections
 from .auditlog import AuditLog
 
 SCOPES = ("once", "session", "always")
@@ -95,7 +96,9 @@ class Pending:
 
 
 def _client_gone(client: connection.Client) -> bool:
-    return not client.state & ConnectionState.CAN_READ
+    # Reading is paused while a request is held, so mitmproxy may not have seen the end of
+    # the stream yet: the socket is asked directly.
+    return not client.state & ConnectionState.CAN_READ or connections.peer_closed(client)
 
 
 def _owner(flow: http.HTTPFlow, agent: str | None) -> str:
@@ -205,7 +208,14 @@ class Approvals:
         self._notify(event, pending)
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.create_task(self._watch_clients())
-        return await waiter.future
+        # While a person decides, nothing more is read from the client: what it sends waits
+        # in the kernel's bounded buffers, not in the proxy's memory.
+        paused = connections.pause_reading(flow.client_conn)
+        try:
+            return await waiter.future
+        finally:
+            if paused:
+                connections.resume_reading(flow.client_conn)
 
     async def _watch_clients(self) -> None:
         """Drop waiters whose client hung up, so nothing waits for a connection that is gone."""

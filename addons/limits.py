@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
-from typing import Any
 
 from agent_egress.policy import CompiledPolicy, Reason, Settings
-from mitmproxy import connection, ctx, http
+from mitmproxy import connection, http
 from mitmproxy.proxy import layer, layers
 
+from . import connections
 from .auditlog import AuditLog
 from .identity import agent_of
 from .proxyport import plain_response
@@ -59,7 +59,7 @@ class ClientLimits:
         if self._open[address] > limit:
             detail = (f"{address} has {limit} connections open to this proxy already "
                       "(network.max_connections_per_client)")
-            self._answer(client, plain_response(
+            connections.write(client, plain_response(
                 429, f"agent-egress refused this connection: {detail}.\n"))
             client.error = f"agent-egress: {detail}"  # mitmproxy closes it
             self.audit.emit("connection.refused", client=_client_text(client),
@@ -126,23 +126,7 @@ class ClientLimits:
                             detail=f"no complete request head within {timeout:g} s "
                                    "(network.header_timeout)")
             if deadline.first_request:
-                self._answer(client, plain_response(
+                connections.write(client, plain_response(
                     408, f"agent-egress closed this connection: no complete request head "
                          f"within {timeout:g} s.\n"))
-        handler = _handler(client)
-        io = handler.transports.get(client) if handler is not None else None
-        if io is not None and io.handler is not None:
-            handler.close_connection(client)
-
-    @staticmethod
-    def _answer(client: connection.Client, data: bytes) -> None:
-        """Write bytes to a client outside mitmproxy's layers (a refusal before closing)."""
-        handler = _handler(client)
-        io = handler.transports.get(client) if handler is not None else None
-        if io is not None and io.writer is not None and not io.writer.is_closing():
-            io.writer.write(data)
-
-
-def _handler(client: connection.Client) -> Any:
-    """mitmproxy's connection handler for this client, if it is still connected."""
-    return ctx.master.addons.get("proxyserver").connections.get(client.id)
+        connections.close(client)

@@ -1,0 +1,75 @@
+"""Acting on a client connection from outside mitmproxy's layers.
+
+The layers only act on events; a deadline, a limit or a held request has to reach the
+connection itself: write a refusal before closing, close it, stop reading from it while a
+person decides, and tell whether its peer has gone. mitmproxy's proxyserver addon keeps the
+connection handlers by client id (`connections`), each with the transports of its connections.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from mitmproxy import connection, ctx
+
+
+def handler_of(client: connection.Client) -> Any:
+    """mitmproxy's connection handler for this client, if it is still connected."""
+    return ctx.master.addons.get("proxyserver").connections.get(client.id)
+
+
+def _io(client: connection.Client) -> Any:
+    handler = handler_of(client)
+    return handler.transports.get(client) if handler is not None else None
+
+
+def write(client: connection.Client, data: bytes) -> None:
+    """Bytes to the client outside the layers (a refusal, just before closing)."""
+    io = _io(client)
+    if io is not None and io.writer is not None and not io.writer.is_closing():
+        io.writer.write(data)
+
+
+def close(client: connection.Client) -> None:
+    """Close the client connection (what it was sent still goes out first)."""
+    handler = handler_of(client)
+    io = handler.transports.get(client) if handler is not None else None
+    if io is not None and io.handler is not None:
+        handler.close_connection(client)
+
+
+def pause_reading(client: connection.Client) -> bool:
+    """Stop reading from the client: what it sends waits in the kernel's buffers (bounded)
+    instead of queueing in the proxy's memory. Whether it was paused."""
+    io = _io(client)
+    transport = getattr(io.writer, "transport", None) if io is not None else None
+    if transport is None or transport.is_closing():
+        return False
+    transport.pause_reading()
+    return True
+
+
+def resume_reading(client: connection.Client) -> None:
+    io = _io(client)
+    transport = getattr(io.writer, "transport", None) if io is not None else None
+    if transport is not None and not transport.is_closing() and not transport.is_reading():
+        transport.resume_reading()
+
+
+def peer_closed(client: connection.Client) -> bool:
+    """Whether the client has closed its side, for a connection whose reading is paused: a
+    peek at the socket shows the end of the stream without taking any data."""
+    io = _io(client)
+    if io is None or io.writer is None:
+        return True
+    raw = io.writer.get_extra_info("socket")
+    if raw is None:
+        return False
+    try:
+        with socket.socket(fileno=socket.dup(raw.fileno())) as peek:
+            return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False  # nothing to read: still there
+    except OSError:
+        return True  # reset
