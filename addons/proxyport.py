@@ -25,6 +25,7 @@ from .tunnels import CloseClient, is_tunnel_stack
 
 MAX_REQUEST_HEAD = 64 * 1024
 MAX_REQUEST_HEADERS = 200
+MAX_FRAMING_LINE = 16 * 1024
 
 
 def _client_text(client: connection.Client) -> str | None:
@@ -78,13 +79,23 @@ class GuardedHttp1Server(Http1Server):
         self.state = self.done
 
     def read_body(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if self.request is None or not self.port.is_discarded(self.request):
-            yield from super().read_body(event)
-            return
+        discard = self.request is not None and self.port.is_discarded(self.request)
         for command in super().read_body(event):
-            if isinstance(command, ReceiveHttp) and isinstance(command.event, RequestData):
+            if discard and isinstance(command, ReceiveHttp) and isinstance(
+                    command.event, RequestData):
                 continue  # a refused request's body: read to keep the connection in step
             yield command
+        # Body data is taken from the buffer as it comes; what stays is an unfinished framing
+        # line (a chunk size, an extension, a trailer), which h11 would buffer without end.
+        if self.state == self.read_body and len(self.buf) > MAX_FRAMING_LINE:
+            self.port.refused(self.context.client, Reason.INVALID_REQUEST,
+                              f"a chunked-body framing line longer than "
+                              f"{MAX_FRAMING_LINE // 1024} KiB")
+            yield commands.SendData(self.conn, plain_response(
+                400, "agent-egress refused this request: a chunked-body framing line is too "
+                     "long.\n"))
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
 
 
 def _head_problem(request: http.Request) -> str | None:
