@@ -161,12 +161,14 @@ def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
     def managed_sets(key: str) -> bool:
         return managed.explicitly_set("network", key)
 
+    # The managed default binds whether written or not (its default is "ask"): a user file
+    # that says "allow" would otherwise open every host the managed file did not list.
     default = net.default
-    if managed_sets("default") and _STRICTNESS[default] < _STRICTNESS[m_net.default]:
+    if _STRICTNESS[default] < _STRICTNESS[m_net.default]:
         violations.add("network.default", f"default {default!r} is looser than the managed "
                                           f"default {m_net.default!r}")
         default = m_net.default
-    elif not user.explicitly_set("network", "default") and managed_sets("default"):
+    elif not user.explicitly_set("network", "default"):
         default = m_net.default
     if req and req.default_floor and _STRICTNESS[default] < _STRICTNESS[req.default_floor]:
         violations.add("network.default", f"default {default!r} is looser than "
@@ -208,14 +210,16 @@ def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
         violations.add("resolve", "with a managed policy, DNS overrides come only from the "
                                   "managed file and serve --resolve")
 
+    # Enforcing binds whether written or not: audit mode (traffic flows, only logged) is the
+    # managed file's to allow, by `mode = "audit"` or `allowed_modes`.
     mode = user.model.mode if user.explicitly_set("", "mode") else managed.model.mode
-    if managed.explicitly_set("", "mode") and managed.model.mode == "enforce":
-        if mode != "enforce":
-            violations.add("mode", "audit mode is not allowed here")
+    if req and req.allowed_modes is not None:
+        if mode not in req.allowed_modes:
+            violations.add("mode", f"mode {mode!r} is not allowed", "allowed_modes")
+            mode = "enforce" if "enforce" in req.allowed_modes else req.allowed_modes[0]
+    elif mode == "audit" and managed.model.mode != "audit":
+        violations.add("mode", "audit mode is not allowed here")
         mode = "enforce"
-    if req and req.allowed_modes is not None and mode not in req.allowed_modes:
-        violations.add("mode", f"mode {mode!r} is not allowed", "allowed_modes")
-        mode = "enforce" if "enforce" in req.allowed_modes else req.allowed_modes[0]
 
     timeout = user.model.approvals.timeout
     if managed.explicitly_set("approvals", "timeout"):

@@ -88,8 +88,9 @@ def test_forbidden_audit_mode_is_reported_and_enforcement_stays(tmp_path, plain_
 
 def test_audit_mode_logs_refusals_but_lets_traffic_flow(tmp_path, plain_origin,
                                                         client_env) -> None:
-    process = start(tmp_path, managed_network(plain_origin.port),
-                    'mode = "audit"\n[network]\ndefault = "deny"\n')
+    managed = (managed_network(plain_origin.port)
+               + '[requirements]\nallowed_modes = ["enforce", "audit"]\n')
+    process = start(tmp_path, managed, 'mode = "audit"\n[network]\ndefault = "deny"\n')
     try:
         result = subprocess.run(["curl", "-sS", "-x", process.url,
                                  f"http://other.test:{plain_origin.port}/hello"],
@@ -197,7 +198,8 @@ def test_broken_file_during_reload_keeps_last_good_policy(tmp_path, plain_origin
 
 def test_policy_show_lists_rules_with_origins(tmp_path) -> None:
     managed_path, user_path = write_policies(
-        tmp_path, '[network]\ndeny = ["*.evil.test"]\n[requirements]\ndefault_floor = "ask"\n',
+        tmp_path, '[network]\ndeny = ["*.evil.test"]\ndefault = "allow"\n'
+                  '[requirements]\ndefault_floor = "ask"\n',
         'presets = ["github"]\n[network]\nallow = ["mine.test"]\ndefault = "allow"\n')
     result = run_cli("policy", "show", "--config", str(user_path), "--managed",
                      str(managed_path), "--approval-socket", str(tmp_path / "none.sock"))
