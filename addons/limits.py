@@ -1,4 +1,4 @@
-"""How much of a shared proxy one client may hold: open connections, and time to send a head.
+"""How much of a shared proxy one client may hold: connections, time to send a head, memory.
 
 A client that never finishes its request head (the CONNECT or request line and headers), or
 never sends a tunnel's first bytes, is closed after `network.header_timeout`; one address may
@@ -92,6 +92,12 @@ class ClientLimits:
         chosen = nextlayer.layer
         if chosen is not None and not isinstance(chosen, layers.HttpLayer):
             self._disarm(nextlayer.context.client)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy keeps every relayed WebSocket message on the flow for the connection's
+        # life (for its UI); relayed, a message is nobody's business here any more.
+        if flow.websocket is not None:
+            flow.websocket.messages.clear()
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.request.method != "CONNECT" and flow.websocket is None:

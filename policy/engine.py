@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from .addresses import embedded_ipv4, in_networks, non_public_reason
 from .errors import InvalidHost
-from .hosts import Host, IPAddress, normalize_host
+from .hosts import MAX_HOST_TEXT, Host, IPAddress, normalize_host
 from .patterns import Kind, Pattern
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -365,6 +365,10 @@ class CompiledPolicy:
 
     def decide(self, host: str, port: int) -> Decision:
         """The decision for a destination as a client named it (any spelling)."""
+        if len(host) > MAX_HOST_TEXT:  # never a host; not cached under an agent-sized key
+            return Decision(Action.DENY, Reason.INVALID_HOST, host[:MAX_HOST_TEXT] + "...",
+                            port, detail=f"a host of {len(host)} characters (a name has at "
+                                         "most 253)")
         key = (host, port)
         decision = self._cache.get(key)
         if decision is None:

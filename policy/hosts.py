@@ -93,15 +93,31 @@ def _is_valid_ascii_name(host: str) -> bool:
     return len(host) <= 63 or max(map(len, host.split("."))) <= 63
 
 
-@lru_cache(maxsize=65536)
+# A name is at most 253 characters; brackets, an IPv6 zone and a port fit within this too.
+MAX_HOST_TEXT = 300
+
+
 def normalize_host(raw: str) -> Host:
-    """Return the canonical form of a host, or raise InvalidHost.
+    """Return the canonical form of a host, or raise InvalidHost (cached per spelling).
+
+    Longer text is refused before the cache: its keys come from the agent, and 65536 of them
+    must not be allowed to hold megabytes each.
+    """
+    if len(raw) > MAX_HOST_TEXT:
+        raise InvalidHost(f"a host of {len(raw)} characters (a name has at most 253)")
+    return _normalize_cached(raw)
+
+
+def normalize_host_uncached(raw: str) -> Host:
+    """normalize_host without its cache: for policy compilation and benchmarks.
 
     Domain names come back lower-case, in punycode, without the trailing dot. Anything that looks
     like an IP address in any spelling comes back as an IP (IPv4-mapped IPv6 stays IPv6: the
-    caller decides what it embeds).
+    caller decides what it embeds). Only spaces and tabs around the host are ignored.
     """
-    host = raw.strip()
+    if len(raw) > MAX_HOST_TEXT:
+        raise InvalidHost(f"a host of {len(raw)} characters (a name has at most 253)")
+    host = raw.strip(" \t")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         if ":" not in host:
@@ -140,6 +156,9 @@ def normalize_host(raw: str) -> Host:
         except (idna.IDNAError, UnicodeError) as exc:
             raise InvalidHost(f"{raw!r} has an invalid punycode label: {exc}") from None
     return Host(host)
+
+
+_normalize_cached = lru_cache(maxsize=65536)(normalize_host_uncached)
 
 
 def split_host_port(target: str, default_port: int | None = None) -> tuple[str, int | None]:

@@ -21,7 +21,7 @@ from enum import Enum
 from typing import NamedTuple
 
 from .errors import InvalidHost, InvalidPattern
-from .hosts import normalize_host, split_host_port
+from .hosts import normalize_host_uncached, split_host_port
 
 VALID_FORMS = (
     "valid forms: 'example.com', '*.example.com', '**.example.com', 'region*.example.com', "
@@ -104,7 +104,7 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 def _normal_label(label: str, pattern: str) -> str:
     try:
-        host = normalize_host.__wrapped__(label)
+        host = normalize_host_uncached(label)
     except InvalidHost as exc:
         raise InvalidPattern(f"{pattern!r}: {exc}") from None
     if host.is_ip:
@@ -128,7 +128,7 @@ def parse_pattern(text: str, *, allow_any: bool = True) -> Pattern:
     if "*" not in host_text:
         try:
             # Uncached: a large policy would only flush the lookup cache the proxy relies on.
-            host = normalize_host.__wrapped__(host_text)
+            host = normalize_host_uncached(host_text)
         except InvalidHost as exc:
             raise InvalidPattern(f"{raw!r}: {exc}; {VALID_FORMS}") from None
         if host.ip is not None:

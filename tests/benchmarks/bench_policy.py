@@ -18,6 +18,7 @@ import time
 import tomllib
 
 from agent_egress.policy import engine, normalize_host
+from agent_egress.policy.hosts import normalize_host_uncached
 from agent_egress.policy.layering import ParsedFile, compile_layers
 from agent_egress.policy.model import PolicyFile
 
@@ -92,7 +93,7 @@ def main() -> None:
         memory = rss_mib() - before
         sample = hosts[:20000]
         # Cold: no decision cache and no normalisation cache, every host from scratch.
-        engine.normalize_host = normalize_host.__wrapped__
+        engine.normalize_host = normalize_host_uncached
         try:
             cold_rate = rate(policy._decide, sample)
         finally:
