@@ -345,6 +345,10 @@ class Enforcer:
             self._refuse(flow, decision)  # nothing to resolve or pin, not even in audit mode
             return
         address = self.pinning.pinned(flow.client_conn, host, port)
+        if address is not None and tunnel:
+            # A CONNECT after plain requests on the same connection: what follows is the
+            # tunnel, judged by its host, so it gets its own tunnel pin (same checked address).
+            self.pinning.pin(flow.client_conn, host, port, address, tunnel=True)
         if address is None and (refusal is None or self.auditing):
             resolution = await self.pinning.resolve(self.policy, decision.host, port)
             if resolution.refusal and refusal is None:

@@ -156,13 +156,12 @@ class Tunnels:
         self._tunnels: dict[str, Tunnel] = {}  # client connection id -> its one tunnel
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
-        request = flow.request
-        # The enforcer pointed the CONNECT at its checked address; the pin names the host.
-        host = self.pinning.name_for(flow.client_conn, request.host, request.port)
-        if host is None:
+        # The enforcer pinned the CONNECT's host as this connection's tunnel.
+        pin = self.pinning.tunnel(flow.client_conn)
+        if pin is None:
             return  # no decision pinned this tunnel: next_layer will close it
         self._tunnels[flow.client_conn.id] = Tunnel(
-            flow.client_conn.peername, host, request.port, agent_of(flow))
+            flow.client_conn.peername, pin.name, pin.port, agent_of(flow))
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if not is_tunnel_stack(nextlayer.context):
