@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import logging
 from collections.abc import Callable
 
 from agent_egress.policy import CompiledPolicy, Reason
@@ -18,6 +19,7 @@ from mitmproxy import connection, http
 
 from .auditlog import AuditLog
 
+logger = logging.getLogger(__name__)
 METADATA_KEY = "agent_egress_agent"
 CLAIMED_KEY = "agent_egress_agent_claimed"
 
@@ -31,7 +33,7 @@ def agent_from_credentials(header: str) -> str | None:
         return None
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII text, not base64 at all
         return None
     return decoded.partition(":")[0] or None
 
@@ -73,9 +75,9 @@ class AgentIdentity:
 
     def _identify(self, flow: http.HTTPFlow) -> None:
         header = flow.request.headers.get("Proxy-Authorization")
-        claimed = agent_from_credentials(header) if header else None
         if header is not None and flow.request.method != "CONNECT":
             del flow.request.headers["Proxy-Authorization"]  # never forwarded upstream
+        claimed = agent_from_credentials(header) if header else None
         if claimed is not None and not AGENT_NAME.fullmatch(claimed):
             self._refuse(flow, claimed)
             return
@@ -99,21 +101,35 @@ class AgentIdentity:
             return None
         return policy.settings.agent_for(address)
 
-    def _refuse(self, flow: http.HTTPFlow, claimed: str) -> None:
+    def _refuse(self, flow: http.HTTPFlow, claimed: str,
+                reason: Reason = Reason.INVALID_AGENT) -> None:
         peer = flow.client_conn.peername
         request = flow.request
+        detail = (f"agent names use {AGENT_NAME_RULE}" if reason is Reason.INVALID_AGENT
+                  else "internal error while naming the agent; the request was refused")
         self.audit.emit("request.decided", client=f"{peer[0]}:{peer[1]}" if peer else None,
                         scheme="connect" if request.method == "CONNECT" else request.scheme,
-                        host=request.pretty_host, port=request.port, decision="deny",
-                        reason=Reason.INVALID_AGENT.value, agent_claimed=claimed[:128],
-                        detail=f"agent names use {AGENT_NAME_RULE}")
-        flow.response = invalid_agent_response(claimed)
+                        host=request.pretty_host[:300], port=request.port, decision="deny",
+                        reason=reason.value, agent_claimed=claimed[:128] or None, detail=detail)
+        flow.response = invalid_agent_response(claimed) if reason is Reason.INVALID_AGENT else (
+            http.Response.make(403, f"agent-egress refused this request: {detail}.\n",
+                               {"Content-Type": "text/plain; charset=utf-8",
+                                "x-proxy-error": "blocked-by-policy", "Connection": "close"}))
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        self._identify(flow)
+        self._guarded(flow)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        self._identify(flow)
+        self._guarded(flow)
+
+    def _guarded(self, flow: http.HTTPFlow) -> None:
+        """A fault here must not let a request through unnamed: it is refused instead."""
+        try:
+            self._identify(flow)
+        except Exception:
+            logger.exception("naming the agent failed; the request is refused")
+            flow.request.headers.pop("Proxy-Authorization", None)
+            self._refuse(flow, "", reason=Reason.INTERNAL_ERROR)
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._by_client.pop(client.id, None)
