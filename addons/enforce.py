@@ -351,7 +351,9 @@ class Enforcer:
             self.pinning.pin(flow.client_conn, host, port, address, tunnel=True)
         if address is None and (refusal is None or self.auditing):
             resolution = await self.pinning.resolve(self.policy, decision.host, port)
-            if resolution.refusal and refusal is None:
+            if resolution.denial is not None and refusal is None:
+                refusal = resolution.denial
+            elif resolution.refusal and refusal is None:
                 reason = Reason.DNS_ERROR if resolution.dns_failed else Reason.PRIVATE_ADDRESS
                 refusal = Decision(Action.DENY, reason, decision.host, port, decision.rule,
                                    resolution.refusal, decision.layer)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agent_egress.policy import CompiledPolicy, InvalidHost, normalize_host
+from agent_egress.policy import CompiledPolicy, Decision, InvalidHost, normalize_host
 from agent_egress.policy.hosts import IPAddress
 from mitmproxy import connection, ctx
 from mitmproxy.proxy import server_hooks
@@ -25,6 +25,7 @@ class Resolution:
     addresses: tuple[IPAddress, ...] = ()
     refusal: str | None = None  # why the upstream must not be used
     dns_failed: bool = False
+    denial: Decision | None = None  # a deny rule covers one of the addresses
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,9 @@ class UpstreamPinning:
             unique = dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0])
                                    for info in infos)
             addresses = tuple(unique)
+        if target.ip is None and (
+                denial := policy.address_denial(target.name, port, addresses)) is not None:
+            return Resolution(addresses, denial.detail, denial=denial)
         refusal = policy.address_refusal(addresses)
         if refusal:
             return Resolution(addresses, f"{target.name} resolves to {refusal}")

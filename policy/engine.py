@@ -474,6 +474,21 @@ class CompiledPolicy:
         """The static address configured for a (normalised) host, if any."""
         return self.settings.resolve.get(host)
 
+    def address_denial(self, host: str, port: int,
+                       addresses: Sequence[IPAddress]) -> Decision | None:
+        """A deny rule for a network one of these addresses (a name's DNS answer) lies in.
+
+        Deny rules for networks apply to where a name leads, not only to IP literals: a
+        wildcard-DNS name (nip.io style) must not reach a denied network by another spelling.
+        """
+        for layer in self.layers:
+            for address in addresses:
+                if rule := layer.deny.match_ip(address, port, see_through=True):
+                    return Decision(Action.DENY, Reason.DENYLIST, host, port, rule,
+                                    f"{host} resolves to {address}, which the deny rule "
+                                    f"{rule.text!r} covers", layer.name)
+        return None
+
     def address_refusal(self, addresses: Sequence[IPAddress]) -> str | None:
         """Why an upstream resolving to these addresses must be refused, or None."""
         if not self.settings.block_private:
