@@ -22,6 +22,7 @@ _OTHER_RECORD_TYPES = {0x14: "change_cipher_spec", 0x15: "alert", 0x17: "applica
                        0x18: "heartbeat"}
 _CLIENT_HELLO = 0x01
 _SERVER_NAME = 0x0000
+_ENCRYPTED_CLIENT_HELLO = 0xFE0D
 _MAX_RECORD = 2**14 + 2048  # TLSCiphertext bound; a plaintext hello record is at most 2**14
 
 _TOKEN = rb"[A-Za-z0-9!#$%&'*+.^_`|~-]"
@@ -38,6 +39,7 @@ class Sniffed(NamedTuple):
     protocol: str  # "tls" | "http" | "tcp"
     sni: str | None = None
     problem: str | None = None  # why these bytes must be cut (malformed or ambiguous TLS)
+    ech: bool = False  # an encrypted ClientHello rides inside: the real name is hidden
 
 
 def sniff(data: bytes) -> Sniffed | None:
@@ -100,11 +102,12 @@ def _parse_client_hello(body: bytes) -> Sniffed:
     except Exception:  # the parser raises several types on malformed input; all mean the same
         return Sniffed("tls", problem="a malformed TLS ClientHello")
     names = [data for kind, data in extensions if kind == _SERVER_NAME]
+    ech = any(kind == _ENCRYPTED_CLIENT_HELLO for kind, _ in extensions)
     if len(names) > 1:
         return Sniffed("tls", problem="a ClientHello with more than one server_name extension")
     if not names:
-        return Sniffed("tls")
-    return _server_name(names[0])
+        return Sniffed("tls", ech=ech)
+    return _server_name(names[0])._replace(ech=ech)
 
 
 def _server_name(extension: bytes) -> Sniffed:

@@ -47,6 +47,7 @@ class Tunnel:
     bytes_up: int = 0
     bytes_down: int = 0
     protocol: str | None = None  # set once the layer is chosen: tls, http or tcp
+    ech: bool = False  # the ClientHello carried an encrypted one (allowed by network.allow_ech)
 
     @property
     def client(self) -> str:
@@ -185,6 +186,7 @@ class Tunnels:
         if refusal is not None:
             self._log_refusal(tunnel, refusal, sniffed.sni, audit_mode=True)
         tunnel.protocol = sniffed.protocol
+        tunnel.ech = sniffed.ech
         if sniffed.protocol == "http":
             self._replace(nextlayer, self.http_layer(nextlayer.context))
         elif sniffed.protocol == "tls":
@@ -214,6 +216,12 @@ class Tunnels:
         if sniffed.problem is not None:
             return self._decision(tunnel, Reason.TUNNEL_PROTOCOL,
                                   f"the tunnel to {tunnel.host} started with {sniffed.problem}")
+        if sniffed.ech and not self._allows_ech():
+            return self._decision(
+                tunnel, Reason.TUNNEL_PROTOCOL,
+                f"the ClientHello to {tunnel.host} carries an encrypted ClientHello (ECH), "
+                "whose real server name the proxy cannot check; network.allow_ech = true "
+                "lets such tunnels through")
         if sniffed.protocol == "tls" and not self._sni_matches(sniffed.sni, tunnel):
             detail = (f"TLS SNI {sniffed.sni!r} does not name the CONNECT target {tunnel.host}"
                       if sniffed.sni else
@@ -231,6 +239,10 @@ class Tunnels:
     @staticmethod
     def _decision(tunnel: Tunnel, reason: Reason, detail: str) -> Decision:
         return Decision(Action.DENY, reason, tunnel.host, tunnel.port, detail=detail)
+
+    def _allows_ech(self) -> bool:
+        policy = self.policy()
+        return policy is not None and policy.settings.allow_ech
 
     def _auditing(self) -> bool:
         policy = self.policy()
@@ -285,6 +297,7 @@ class Tunnels:
         self.audit.emit(
             "tunnel.closed", client=tunnel.client, agent=tunnel.agent, host=tunnel.host,
             port=tunnel.port,
-            protocol=tunnel.protocol, bytes_up=tunnel.bytes_up, bytes_down=tunnel.bytes_down,
+            protocol=tunnel.protocol, ech=tunnel.ech or None,
+            bytes_up=tunnel.bytes_up, bytes_down=tunnel.bytes_down,
             duration_ms=round((time.monotonic() - tunnel.opened) * 1000, 1),
         )

@@ -285,6 +285,7 @@ class Settings:
     default: Action = Action.ASK
     ports: frozenset[int] = frozenset({80, 443})
     allow_ip_literals: bool = False
+    allow_ech: bool = False
     block_private: bool = True
     allowed_cidrs: tuple[IPNetwork, ...] = ()
     resolve: Mapping[str, IPAddress] = field(default_factory=dict)

@@ -150,7 +150,7 @@ def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
             identity=identity_table,
             default=Action(net.default), ports=frozenset(net.ports),
             allow_ip_literals=net.allow_ip_literals, block_private=net.block_private,
-            allowed_cidrs=tuple(net.allowed_cidrs),
+            allow_ech=net.allow_ech, allowed_cidrs=tuple(net.allowed_cidrs),
             resolve={**_file_resolve(user), **resolve},
             approval_timeout=user.model.approvals.timeout, mode=user.model.mode,
             **_limits(user, None, violations),
@@ -193,6 +193,11 @@ def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
         violations.add("network.allow_ip_literals", "IP literals are not allowed")
         allow_ip_literals = False
 
+    allow_ech = net.allow_ech
+    if allow_ech and not m_net.allow_ech:
+        violations.add("network.allow_ech", "encrypted ClientHellos are not allowed")
+        allow_ech = False
+
     block_private = net.block_private or m_net.block_private
     if not net.block_private and block_private:
         violations.add("network.block_private", "private upstreams stay blocked")
@@ -228,6 +233,7 @@ def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
     return Settings(
         identity=identity_table,
         default=Action(default), ports=frozenset(ports), allow_ip_literals=allow_ip_literals,
+        allow_ech=allow_ech,
         block_private=block_private, allowed_cidrs=tuple(cidrs),
         resolve={**_file_resolve(managed), **resolve}, approval_timeout=timeout, mode=mode,
         approval_scopes=frozenset(req.allowed_approval_scopes) if req and (

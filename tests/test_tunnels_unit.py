@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ssl
+import struct
 
 from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.tunnels import CloseClient, CountingPassthrough, Tunnel, Tunnels
@@ -129,3 +130,24 @@ def test_relay_replays_what_arrived_while_its_upstream_opened() -> None:
     assert (type(answer), answer.connection, answer.data) == (
         commands.SendData, context.client, b"answer")
     assert (tunnel.bytes_up, tunnel.bytes_down) == (11, 6)
+
+
+def _hello_with_ech() -> bytes:
+    from rawclient import handmade_client_hello, record, server_name_extension
+
+    ech = struct.pack("!HH", 0xFE0D, 8) + b"\x00" * 8
+    return record(0x16, handmade_client_hello(server_name_extension(b"allowed.test"), ech))
+
+
+def test_encrypted_client_hello_is_refused_unless_the_policy_allows_it() -> None:
+    nextlayer = tunnel_next_layer(_hello_with_ech())
+    tunnels, audit = tunnels_with(nextlayer)
+    tunnels.next_layer(nextlayer)
+    assert isinstance(nextlayer.layer, CloseClient)
+    assert "encrypted ClientHello (ECH)" in audit.events[0][1]["detail"]
+    nextlayer = tunnel_next_layer(_hello_with_ech())
+    tunnels, audit = tunnels_with(nextlayer, "version = 1\n[network]\nallow_ech = true\n")
+    tunnels.next_layer(nextlayer)
+    assert isinstance(nextlayer.layer, CountingPassthrough) and audit.events == []
+    tunnels.client_disconnected(nextlayer.context.client)
+    assert audit.events[0][1]["ech"] is True  # on the record even when allowed
