@@ -16,7 +16,7 @@ from typing import Any
 
 from .approval_client import ApprovalClient, find_socket
 from .paths import default_socket_path
-from .textsafe import host_display, printable
+from .textsafe import host_display, printable, shortened
 from .watch_screen import WatchScreen
 
 KEYS = {
@@ -57,16 +57,16 @@ def _socket(args: argparse.Namespace) -> Path:
 
 def describe(pending: dict[str, Any]) -> str:
     """One line per pending approval. Host, path and agent are the agent's own text: escaped."""
-    what = str(pending["scheme"]).upper()
+    what = printable(str(pending["scheme"]).upper())
     if pending.get("method"):
-        what += f" {pending['method']}"
+        what += f" {shortened(pending['method'], 16)}"
         if pending.get("path"):
-            what += f" {pending['path']}"
+            what += f" {shortened(pending['path'])}"
     waiting = ("client gone" if pending["clients_gone"]
                else f"{pending['waiting']} waiting")
     agent = f" agent={printable(pending['agent'])}" if pending.get("agent") else ""
     return (f"{printable(pending['id'])}  {host_display(pending['host'], pending['port'])}  "
-            f"{printable(what)}  from {printable(pending['client'])}{agent}  "
+            f"{what}  from {printable(pending['client'])}{agent}  "
             f"({waiting}, {pending['expires_in']:.0f}s left)")
 
 

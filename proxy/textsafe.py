@@ -15,7 +15,9 @@ from functools import lru_cache
 # Control (Cc: C0, DEL, C1), format (Cf: bidi controls and marks, zero-width and tag
 # characters), lone surrogates (Cs: unprintable), line/paragraph separators, and unassigned
 # code points (Cn: may be format characters to a terminal that knows a newer Unicode).
-_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp", "Cn"})
+# Spaces other than the ASCII one (Zs: no-break, em, ideographic...) are escaped too: they can
+# pad a line until the real text is off screen, or pass for the separators of our own output.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp", "Zs", "Cn"})
 _SUSPECT = re.compile(r"[^ -\[\]-~]")  # anything but printable ASCII without the backslash
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -42,6 +44,13 @@ def printable(text: object) -> str:
     """The text with every control, format and invisible character (and the backslash)
     escaped as \\xNN, \\uNNNN or \\UNNNNNNNN; letters of every script unchanged."""
     return _SUSPECT.sub(_replace, str(text))
+
+
+def shortened(text: object, limit: int = 60) -> str:
+    """printable(), cut to about `limit` characters with a marker: agent text in a one-line
+    summary must not push the proxy's own words off the screen."""
+    text = str(text)
+    return printable(text) if len(text) <= limit else printable(text[:limit]) + "...(cut)"
 
 
 def printable_lines(text: object) -> str:
