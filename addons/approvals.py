@@ -73,7 +73,7 @@ class Pending:
     path: str | None
     client: str
     agent: str | None
-    owner: str  # whom it counts against: the agent, else the client's address
+    owners: tuple[str, ...]  # whom it counts against: the client, and the agent name
     opened: float  # wall clock, for people
     deadline: float  # event-loop clock
     waiters: list[Waiter] = field(default_factory=list)
@@ -101,13 +101,12 @@ def _client_gone(client: connection.Client) -> bool:
     return not client.state & ConnectionState.CAN_READ or connections.peer_closed(client)
 
 
-def _owner(flow: http.HTTPFlow, agent: str | None) -> str:
-    """Whose pending approvals a request counts against: its agent, else its client address
-    (not the port: every connection would be an agent of its own)."""
-    if agent:
-        return f"agent {ascii(agent)}"  # agent-chosen: escaped, it goes into a header
-    peer = flow.client_conn.peername
-    return f"client {peer[0]}" if peer else "client (unknown address)"
+def _owners(flow: http.HTTPFlow, agent: str | None) -> tuple[str, ...]:
+    """Whom a request's pending approval counts against: its client (all of loopback as one;
+    not the port: every connection would be a client of its own), and its agent name too.
+    Both, so a new name per request does not reset the count."""
+    client = f"client {connections.client_key(flow.client_conn)}"
+    return (client, f"agent {agent}") if agent else (client,)
 
 
 class Approvals:
@@ -162,12 +161,13 @@ class Approvals:
         """
         if (decision.host, decision.port) in self.pending:
             return None
-        owner = _owner(flow, agent)
+        full = [owner for owner in _owners(flow, agent)
+                if self._per_owner[owner] >= max_per_agent]
         if len(self.pending) >= max_pending:
             why = (f"{len(self.pending)} destinations already await a person's decision "
                    f"(approvals.max_pending = {max_pending})")
-        elif self._per_owner[owner] >= max_per_agent:
-            why = (f"{owner} already has {self._per_owner[owner]} destinations awaiting a "
+        elif full:
+            why = (f"{full[0]} already has {self._per_owner[full[0]]} destinations awaiting a "
                    f"person's decision (approvals.max_pending_per_agent = {max_per_agent})")
         else:
             return None
@@ -190,9 +190,10 @@ class Approvals:
                 method=None if is_connect else request.method,
                 path=None if is_connect else request.path.split("?", 1)[0],
                 client=f"{peer[0]}:{peer[1]}" if peer else "", agent=agent,
-                owner=_owner(flow, agent), opened=time.time(), deadline=loop.time() + timeout,
+                owners=_owners(flow, agent), opened=time.time(),
+                deadline=loop.time() + timeout,
             )
-            self._per_owner[pending.owner] += 1
+            self._per_owner.update(pending.owners)
             pending.timer = loop.call_at(pending.deadline, self._expire, pending)
             self.pending[key] = pending
             self._by_id[pending.id] = pending
@@ -258,9 +259,10 @@ class Approvals:
             pending.timer.cancel()
         del self.pending[(pending.host, pending.port)]
         del self._by_id[pending.id]
-        self._per_owner[pending.owner] -= 1
-        if not self._per_owner[pending.owner]:
-            del self._per_owner[pending.owner]
+        self._per_owner.subtract(pending.owners)
+        for owner in pending.owners:
+            if self._per_owner[owner] <= 0:
+                del self._per_owner[owner]
         self._notify("pending.closed", pending, outcome=outcome)
         return released
 

@@ -8,10 +8,26 @@ connection handlers by client id (`connections`), each with the transports of it
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Any
 
 from mitmproxy import connection, ctx
+
+
+def client_key(client: connection.Client) -> str:
+    """Which client a connection counts against for per-client limits: its address, with all
+    of loopback as one (a local agent can bind any of 127.0.0.0/8 and ::1)."""
+    if not client.peername:
+        return "unknown"
+    host = client.peername[0].split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return "loopback" if address.is_loopback else str(address)
 
 
 def handler_of(client: connection.Client) -> Any:

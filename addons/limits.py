@@ -22,10 +22,6 @@ from .identity import agent_of
 from .proxyport import plain_response
 
 
-def _address(client: connection.Client) -> str:
-    return client.peername[0] if client.peername else ""
-
-
 def _client_text(client: connection.Client) -> str | None:
     peer = client.peername
     return f"{peer[0]}:{peer[1]}" if peer else None
@@ -53,11 +49,11 @@ class ClientLimits:
         return policy.settings if policy is not None else Settings()
 
     def client_connected(self, client: connection.Client) -> None:
-        address = _address(client)
-        self._open[address] += 1
+        key = connections.client_key(client)
+        self._open[key] += 1
         limit = self._settings().max_connections_per_client
-        if self._open[address] > limit:
-            detail = (f"{address} has {limit} connections open to this proxy already "
+        if self._open[key] > limit:
+            detail = (f"{key} has {limit} connections open to this proxy already "
                       "(network.max_connections_per_client)")
             connections.write(client, plain_response(
                 429, f"agent-egress refused this connection: {detail}.\n"))
@@ -68,10 +64,10 @@ class ClientLimits:
         self._arm(client, first_request=True)
 
     def client_disconnected(self, client: connection.Client) -> None:
-        address = _address(client)
-        self._open[address] -= 1
-        if self._open[address] <= 0:
-            del self._open[address]
+        key = connections.client_key(client)
+        self._open[key] -= 1
+        if self._open[key] <= 0:
+            del self._open[key]
         self._disarm(client)
 
     # A head is complete when mitmproxy calls these: nothing more to wait for.

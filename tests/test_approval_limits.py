@@ -102,12 +102,12 @@ def limited(tmp_path, tls_origin, plain_origin):
     process.stop()
 
 
-def test_pending_approvals_are_bounded_per_agent_and_in_total(limited, tls_origin):
+def test_pending_approvals_are_bounded_per_client_and_agent(limited, tls_origin):
     port = tls_origin.port
     watcher = Subscriber(limited.socket_path)
     held: list[socket.socket] = []
     try:
-        # One client address, no agent name: three destinations are held, the rest refused.
+        # One client, no agent name: three destinations are held, the rest refused.
         flood = [send_connect(limited, f"flood-{i}.test", port, "127.0.0.2") for i in range(10)]
         replies = answered(flood, expect=7, wait=10)
         assert len(replies) == 7
@@ -118,37 +118,27 @@ def test_pending_approvals_are_bounded_per_agent_and_in_total(limited, tls_origi
         held += [s for s in flood if s not in replies]
         mine = pending_list(limited)
         assert len(mine) == 3 and {p["client"].split(":")[0] for p in mine} == {"127.0.0.2"}
-        # A request for a destination already pending joins it, even with the agent at its limit.
+        # A request for a destination already pending joins it, even with the client at its
+        # limit.
         joined = send_connect(limited, mine[0]["host"], port, "127.0.0.2")
         held.append(joined)
         assert answered([joined]) == {}
         wait_pending(limited, lambda p: p["id"] == mine[0]["id"] and p["waiting"] == 2)
-        # A named agent is its own agent, even from the same address.
-        named = [send_connect(limited, f"named-{i}.test", port, "127.0.0.2", agent="alpha")
-                 for i in range(2)]
-        held += named
-        assert answered(named) == {}
-        # Another address: one more fits under the total of 6, then everyone is refused.
-        other = [send_connect(limited, f"other-{i}.test", port, "127.0.0.3") for i in range(3)]
-        replies = answered(other, expect=2, wait=10)
+        # A new agent name, or another loopback address, is still the same local client: a
+        # local agent cannot reset its count by renaming itself or binding 127.0.0.3.
+        dodges = [send_connect(limited, "named.test", port, "127.0.0.2", agent="alpha"),
+                  send_connect(limited, "other.test", port, "127.0.0.3")]
+        replies = answered(dodges, expect=2, wait=10)
         assert len(replies) == 2
-        for reply in replies.values():
-            assert b"approvals.max_pending = 6" in reply
-        held += [s for s in other if s not in replies]
-        assert len(pending_list(limited)) == 6
+        assert all(b"client loopback already has 3" in r for r in replies.values())
         # Nothing refused was announced to approvers, held, or asked about.
-        assert len(limited.events("approval.requested")) == 6
-        wait_until(lambda: len(watcher.events("pending.opened")) == 6)
+        assert len(limited.events("approval.requested")) == 3
+        wait_until(lambda: len(watcher.events("pending.opened")) == 3)
         time.sleep(0.3)
-        assert len(watcher.events("pending.opened")) == 6
+        assert len(watcher.events("pending.opened")) == 3
         refusals = [e for e in limited.events("request.decided")
                     if e.get("reason") == "approval_queue_full"]
-        assert len(refusals) == 9
-        assert all(e["decision"] == "deny" for e in refusals)
-        assert sum("max_pending_per_agent = 3" in e["detail"] for e in refusals) == 7
-        assert sum("max_pending = 6" in e["detail"] for e in refusals) == 2
-        held_events = [e for e in limited.events("request.decided") if e["decision"] == "held"]
-        assert len(held_events) == 7  # 6 opened + 1 joined
+        assert len(refusals) == 9 and all(e["decision"] == "deny" for e in refusals)
         # Once a person decides one, there is room again.
         assert limited.cli("deny", mine[1]["id"]).returncode == 0
         again = send_connect(limited, "again.test", port, "127.0.0.3")
@@ -159,6 +149,47 @@ def test_pending_approvals_are_bounded_per_agent_and_in_total(limited, tls_origi
         watcher.close()
         for sock in held:
             sock.close()
+
+
+def test_admission_counts_clients_agents_and_the_total() -> None:
+    """Clients on other hosts (addresses a loopback test cannot have) and the total bound."""
+    import asyncio
+
+    from agent_egress.addons.approvals import Approvals
+    from agent_egress.policy import Action, Decision, Reason
+    from mitmproxy.test import tflow
+
+    class Audit:
+        def emit(self, *args, **kwargs) -> None:
+            pass
+
+    def flow(address: str):
+        made = tflow.tflow()
+        made.client_conn.peername = (address, 40000)
+        return made
+
+    async def scenario() -> list[str | None]:
+        approvals = Approvals(Audit())  # type: ignore[arg-type]
+        outcomes = []
+        for index, (address, agent) in enumerate([
+                ("10.0.0.1", None), ("10.0.0.1", None), ("10.0.0.1", "x"),  # client full at 2
+                ("10.0.0.2", "a"), ("10.0.0.3", "a"), ("10.0.0.4", "a"),  # agent a full at 2
+                ("10.0.0.5", None), ("10.0.0.6", None)]):                  # total full at 5
+            held = Decision(Action.ASK, Reason.NEEDS_APPROVAL, f"h{index}.test", 443)
+            verdict = approvals.admit(flow(address), held, agent, 5, 2)
+            outcomes.append(verdict.detail if verdict else None)
+            if verdict is None:
+                asyncio.ensure_future(approvals.hold(flow(address), held, 60, agent))
+                await asyncio.sleep(0)
+        approvals.done()
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert outcomes[:2] == [None, None]
+    assert "client 10.0.0.1 already has 2" in outcomes[2]
+    assert outcomes[3:5] == [None, None] and "agent a already has 2" in outcomes[5]
+    assert outcomes[6] is None
+    assert "approvals.max_pending = 5" in outcomes[7]
 
 
 def test_one_agent_flooding_1000_destinations_holds_20(tmp_path, tls_origin, plain_origin):
