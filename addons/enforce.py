@@ -272,7 +272,15 @@ class Enforcer:
             if not self.auditing:
                 return
             flow.response = None  # audit mode: logged, then decided as usual
-        await self._enforce(flow, request.host, request.port)
+        named = request.host
+        await self._enforce(flow, named, request.port)
+        if flow.response is None and flow.error is None and request.host_header is None:
+            # RFC 9112 3.2.2: what goes upstream names the host that was decided, so an
+            # origin never picks a site of its own (its default vhost) for a Host-less request.
+            name = normalize_host(named).name
+            default = 443 if request.scheme == "https" else 80
+            request.host_header = name if request.port == default else (
+                f"[{name}]:{request.port}" if ":" in name else f"{name}:{request.port}")
 
     @staticmethod
     def _tunnel_target_mismatch(request: http.Request, tunnel: Pin) -> Decision | None:

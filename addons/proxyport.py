@@ -59,7 +59,7 @@ class GuardedHttp1Server(Http1Server):
             problem = (_head_problem(command.event.request) if isinstance(command, ReceiveHttp)
                        and isinstance(command.event, RequestHeaders) else None)
             if problem is not None:
-                yield from self._refuse_head(problem)
+                yield from self._refuse_head(*problem)
                 return
             if isinstance(command, commands.SendData) and command.data.startswith(b"HTTP/1.1 400"):
                 answered_400 = True
@@ -68,13 +68,15 @@ class GuardedHttp1Server(Http1Server):
                 self.port.invalid_request(self.context.client, command.message)
             yield command
         if self.state == self.read_headers and len(self.buf) > MAX_REQUEST_HEAD:
-            yield from self._refuse_head(f"the request head is larger than "
+            yield from self._refuse_head(431, Reason.REQUEST_HEAD_TOO_LARGE,
+                                         f"the request head is larger than "
                                          f"{MAX_REQUEST_HEAD // 1024} KiB")
 
-    def _refuse_head(self, problem: str) -> layer.CommandGenerator[None]:
-        self.port.refused(self.context.client, Reason.REQUEST_HEAD_TOO_LARGE, problem)
+    def _refuse_head(self, status: int, reason: Reason,
+                     problem: str) -> layer.CommandGenerator[None]:
+        self.port.refused(self.context.client, reason, problem)
         yield commands.SendData(self.conn, plain_response(
-            431, f"agent-egress refused this request: {problem}.\n"))
+            status, f"agent-egress refused this request: {problem}.\n"))
         yield commands.CloseConnection(self.conn)
         self.state = self.done
 
@@ -98,14 +100,21 @@ class GuardedHttp1Server(Http1Server):
             self.state = self.done
 
 
-def _head_problem(request: http.Request) -> str | None:
+def _head_problem(request: http.Request) -> tuple[int, Reason, str] | None:
+    """Why a parsed request head is refused: (status, reason, what), or None."""
     fields = request.headers.fields
     if len(fields) > MAX_REQUEST_HEADERS:
-        return f"the request has {len(fields)} header fields (at most {MAX_REQUEST_HEADERS})"
+        return (431, Reason.REQUEST_HEAD_TOO_LARGE, f"the request has {len(fields)} header "
+                                                    f"fields (at most {MAX_REQUEST_HEADERS})")
     size = len(request.data.method) + len(request.data.path) + len(request.data.authority) + sum(
         len(name) + len(value) + 4 for name, value in fields)
     if size > MAX_REQUEST_HEAD:
-        return f"the request head is larger than {MAX_REQUEST_HEAD // 1024} KiB"
+        return (431, Reason.REQUEST_HEAD_TOO_LARGE,
+                f"the request head is larger than {MAX_REQUEST_HEAD // 1024} KiB")
+    if any(b"\n" in value or b"\r" in value for _, value in fields):
+        # RFC 9112 5.2: a proxy must not forward obsolete line folding; each origin would read
+        # the continuation line its own way (" Host: other.test").
+        return 400, Reason.INVALID_REQUEST, "a header folded over several lines (obs-fold)"
     return None
 
 
