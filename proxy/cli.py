@@ -320,6 +320,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from agent_egress.addons.auditlog import default_audit_log_path
 
     from . import report as reporting
+    from . import report_render, report_suggest
 
     try:
         since = reporting.parse_when(args.since) if args.since else None
@@ -338,9 +339,9 @@ def cmd_report(args: argparse.Namespace) -> int:
                                     agent=args.agent, progress=reporting.Progress(total))
     if args.suggest:
         managed = _managed(args)
-        text = reporting.suggest(result, _load(None, (), managed) if managed else None)
+        text = report_suggest.suggest(result, _load(None, (), managed) if managed else None)
     else:
-        text = reporting.RENDERERS[args.format](result)
+        text = report_render.RENDERERS[args.format](result)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
         print(f"wrote {args.output}: {result.matched:,} requests, {len(result.hosts):,} hosts",

@@ -1,18 +1,16 @@
-"""`agent-egress report`: what agents tried to reach, and why it was refused, from audit logs.
+"""`agent-egress report`: reading audit logs into per-host aggregates.
 
 Streams any number of audit logs (rotated, gzipped) line by line: memory grows with the number of
 distinct hosts, never with the number of events. Malformed lines are counted and listed, never
-fatal.
+fatal. Rendering lives in report_render, candidate rules in report_suggest: reading is the part
+every output shares, and the part that must stay fast on large logs.
 """
 
 from __future__ import annotations
 
-import csv
 import gzip
-import html
 import io
 import json
-import re
 import sys
 import time
 from collections import Counter
@@ -24,10 +22,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import tldextract
-import tomlkit
-from agent_egress.policy import Action, CompiledPolicy, InvalidPattern, parse_pattern
-
-from .textsafe import csv_cell, printable
 
 _EXAMPLES = 3
 _MALFORMED_LISTED = 20
@@ -255,251 +249,6 @@ def build_report(paths: Iterable[Path], *, decision: str = "deny",
     if progress is not None:
         progress.finish()
     return report
-
-
-# -- suggestions ------------------------------------------------------------------------------
-
-_DENY_REASONS = {"denied_by_approver", "sni_mismatch", "host_mismatch", "private_address"}
-
-
-def suggest(report: Report, managed: CompiledPolicy | None, *, min_count: int = 3,
-            min_agents: int = 2) -> str:
-    """A TOML snippet of candidate rules, each with the evidence behind it."""
-    allow, deny = _candidates(report, managed, min_count, min_agents)
-    return _suggestion_toml(report, allow, deny)
-
-
-def _candidates(report: Report, managed: CompiledPolicy | None, min_count: int,
-                min_agents: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(pattern, evidence) pairs to allow and to deny, as the log has them (unescaped)."""
-    by_domain: dict[str, list[HostStats]] = {}
-    for stats in report.rows():
-        by_domain.setdefault(stats.domain, []).append(stats)
-    allow, deny = [], []
-    for domain, hosts in by_domain.items():
-        flagged = any(set(h.reasons) & _DENY_REASONS or h.reasons.get("denylist") or
-                      any(key.startswith("deny") for key in h.approvals) for h in hosts)
-        if any(h.managed_denied for h in hosts):
-            continue  # never suggest around the administrator's deny rules
-        count = sum(h.count for h in hosts)
-        agents = set().union(*(h.agents for h in hosts))
-        pattern = hosts[0].host if len(hosts) == 1 else f"**.{domain}"
-        if managed is not None and managed.decide(hosts[0].host, 443).action is Action.DENY:
-            continue
-        if flagged:
-            reasons = Counter()
-            for h in hosts:
-                reasons.update(h.reasons)
-            evidence = ", ".join(f"{r} x{n}" for r, n in reasons.most_common(3))
-            approvals = sum(sum(v for k, v in h.approvals.items() if k.startswith("deny"))
-                            for h in hosts)
-            if approvals or set(reasons) & _DENY_REASONS:
-                deny.append((pattern, f"{count} requests; {evidence}"
-                             + (f"; denied by a person {approvals}x" if approvals else "")))
-            continue
-        blocked_for = {"not_allowlisted", "needs_approval", "approval_timeout"}
-        if count >= min_count and len(agents) >= min_agents and all(
-                set(h.reasons) <= blocked_for for h in hosts):
-            hosts_text = ", ".join(h.host for h in hosts[:3])
-            allow.append((pattern, f"{count} requests by {len(agents)} agents "
-                                   f"({', '.join(sorted(agents)[:3])}); hosts: {hosts_text}; "
-                                   f"{hosts[0].first[:10]} to {max(h.last for h in hosts)[:10]}"))
-    return allow, deny
-
-
-def _rule_pattern(text: str) -> bool:
-    """Whether a host from the log is a pattern that names exactly that host (or subtree).
-
-    Hosts in a log are whatever an agent sent when they were invalid: never `*`, never a port,
-    nothing the policy would read differently from what the evidence shows.
-    """
-    try:
-        return parse_pattern(text, allow_any=False).port is None
-    except InvalidPattern:
-        return False
-
-
-def _suggestion_toml(report: Report, allow: list[tuple[str, str]],
-                     deny: list[tuple[str, str]]) -> str:
-    """Written by tomlkit: patterns are TOML strings, evidence sits in one-line comments."""
-    document = tomlkit.document()
-    document.add(tomlkit.comment(printable(
-        f"Candidate rules from agent-egress report ({report.matched} requests, "
-        f"{report.totals()['since'] or 'all time'})")))
-    document.add(tomlkit.comment(
-        "Review each before pasting it into the [network] table of a policy file."))
-    skipped = [p for p, _ in allow + deny if not _rule_pattern(p)]
-    for pattern in skipped:
-        document.add(tomlkit.comment(f"skipped, not a valid rule pattern: {printable(pattern)}"))
-    network = tomlkit.table()
-    for key, candidates in (("allow", allow), ("deny", deny)):
-        array = tomlkit.array()
-        valid = [(p, why) for p, why in candidates if p not in skipped]
-        for pattern, why in valid:
-            array.add_line(pattern, comment=printable(why))
-        if not valid:
-            array.add_line(comment="(no candidates)")
-        array.add_line(indent="")  # the closing bracket on a line of its own
-        network.add(key, array)
-    document.add("network", network)
-    return tomlkit.dumps(document)
-
-
-# -- output formats ---------------------------------------------------------------------------
-
-def _approval_text(stats: HostStats) -> str:
-    if not stats.asked and not stats.approvals and not stats.timeouts:
-        return ""
-    parts = [f"asked {stats.asked}"] if stats.asked else []
-    parts += [f"{text} x{n}" for text, n in stats.approvals.most_common(2)]
-    if stats.timeouts:
-        parts.append(f"timed out {stats.timeouts}")
-    return "; ".join(parts)
-
-
-def _why(stats: HostStats) -> str:
-    reason = stats.reasons.most_common(1)[0][0]
-    rule = stats.rules.most_common(1)[0][0] if stats.rules else ""
-    return f"{reason} ({rule})" if rule else reason
-
-
-COLUMNS = ["count", "domain", "host", "ports", "agents", "first_seen", "last_seen", "why",
-           "example_paths", "approvals"]
-
-
-def _row(stats: HostStats) -> list[str]:
-    return [str(stats.count), stats.domain, stats.host, ",".join(map(str, sorted(stats.ports))),
-            ",".join(sorted(stats.agents)), stats.first, stats.last, _why(stats),
-            " ".join(stats.paths), _approval_text(stats)]
-
-
-def _headline(report: Report) -> str:
-    t = report.totals()
-    label = {"deny": "blocked", "held": "held", "allow": "allowed", "all": "decided"}[
-        report.decision]
-    text = (f"{t['requests']:,} {label} requests to {t['hosts']:,} hosts in {t['domains']:,} "
-            f"domains by {t['agents']:,} agents ({t['events']:,} events in "
-            f"{len(t['files'])} file{'s' if len(t['files']) != 1 else ''})")
-    if t["malformed_lines"]:
-        text += (f"; {t['malformed_lines']:,} malformed lines skipped: "
-                 f"{', '.join(t['malformed_at'])}"
-                 + (" ..." if t["malformed_lines"] > len(t["malformed_at"]) else ""))
-    return text
-
-
-def render_table(report: Report) -> str:
-    rows = [[printable(cell) for cell in _row(s)] for s in report.rows()]
-    shown = ["count", "domain", "host", "ports", "agents", "last_seen", "why", "approvals"]
-    indexes = [COLUMNS.index(c) for c in shown]
-    table = [shown] + [[row[i] for i in indexes] for row in rows]
-    widths = [min(max(len(r[i]) for r in table), 48) for i in range(len(shown))]
-    out = [printable(_headline(report)), ""]
-    for number, row in enumerate(table):
-        cells = [cell if len(cell) <= 48 else cell[:45] + "..." for cell in row]
-        out.append("  ".join(c.rjust(w) if i == 0 else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip())
-        if number == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out) + "\n"
-
-
-def render_json(report: Report) -> str:
-    return json.dumps({"totals": report.totals(), "timeline": dict(sorted(report.timeline.items())),
-                       "hosts": [s.as_dict() for s in report.rows()]}, indent=2) + "\n"
-
-
-def render_csv(report: Report) -> str:
-    """Exact data, except that no cell can start a spreadsheet formula.
-
-    RFC 4180 line ends: with them the writer quotes any cell holding a CR or LF, which would
-    otherwise start a new row.
-    """
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow(COLUMNS)
-    writer.writerows([csv_cell(cell) for cell in _row(s)] for s in report.rows())
-    return buffer.getvalue()
-
-
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|&~])")
-
-
-def _markdown_text(text: str) -> str:
-    """Shown as typed by any CommonMark renderer: no links, HTML, entities, code or cells."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", printable(text))
-
-
-def render_markdown(report: Report) -> str:
-    cell = _markdown_text
-    out = ["# agent-egress report", "", cell(_headline(report)), "",
-           "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    out += ["| " + " | ".join(cell(c) for c in _row(s)) + " |" for s in report.rows()]
-    return "\n".join(out) + "\n"
-
-
-def _timeline_svg(report: Report) -> str:
-    buckets = sorted(report.timeline.items())
-    if not buckets:
-        return '<p class="empty">No requests in this period.</p>'
-    width, height, pad = 760, 180, 30
-    peak = max(n for _, n in buckets)
-    bar = max((width - 2 * pad) / len(buckets), 1)
-    bars = []
-    for index, (hour, count) in enumerate(buckets):
-        h = (height - 2 * pad) * count / peak
-        x = pad + index * bar
-        bars.append(f'<rect class="bar" x="{x:.1f}" y="{height - pad - h:.1f}" '
-                    f'width="{max(bar - 1, 0.5):.1f}" height="{h:.1f}">'
-                    f"<title>{_html(hour)}:00 UTC: {count}</title></rect>")
-    first, last = _html(buckets[0][0]), _html(buckets[-1][0])
-    return (f'<svg id="timeline" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="requests per hour">'
-            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
-            f'class="axis"/>{"".join(bars)}'
-            f'<text x="{pad}" y="{height - 8}">{first}:00</text>'
-            f'<text x="{width - pad}" y="{height - 8}" text-anchor="end">{last}:00</text>'
-            f'<text x="{pad}" y="18">peak {peak} per hour</text></svg>')
-
-
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
-h1{font-size:1.4em}.totals{margin:.5em 0 1.5em;color:#444}
-svg{width:100%;max-width:760px;height:auto;border:1px solid #ddd;background:#fafafa}
-.bar{fill:#c0392b}.axis{stroke:#888}svg text{font-size:11px;fill:#555}
-table{border-collapse:collapse;margin-top:1.5em;width:100%}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
-th{background:#eee}td.n{text-align:right}
-@media print{body{margin:0}svg{border:none}tr{page-break-inside:avoid}}
-"""
-
-
-# No script from anywhere, no fetches; the page's own inline CSS only.
-_CSP = "default-src 'none'; style-src 'unsafe-inline'"
-
-
-def _html(text: str) -> str:
-    """Text, never markup; controls and bidi overrides shown escaped, as on a terminal."""
-    return html.escape(printable(text))
-
-
-def render_html(report: Report) -> str:
-    head = "".join(f"<th>{_html(c)}</th>" for c in COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f'<td{" class=n" if i == 0 else ""}>{_html(c)}</td>'
-                         for i, c in enumerate(_row(s))) + "</tr>"
-        for s in report.rows())
-    return (f"<!doctype html><html><head><meta charset=utf-8>"
-            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-            f"<title>agent-egress report</title>"
-            f"<style>{_CSS}</style></head><body><h1>agent-egress report</h1>"
-            f'<p class="totals">{_html(_headline(report))}</p>'
-            f"<h2>Requests per hour (UTC)</h2>{_timeline_svg(report)}"
-            f'<table id="hosts"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-            f"</body></html>\n")
-
-
-RENDERERS = {"table": render_table, "json": render_json, "csv": render_csv,
-             "markdown": render_markdown, "html": render_html}
 
 
 def expand_logs(paths: Iterable[str]) -> Iterator[Path]:
