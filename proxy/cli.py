@@ -344,8 +344,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         text = report_render.RENDERERS[args.format](result)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
-        print(f"wrote {args.output}: {result.matched:,} requests, {len(result.hosts):,} hosts",
-              file=sys.stderr)
+        print(f"wrote {args.output}: {report_render.summary(result)}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return EXIT_OK

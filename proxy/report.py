@@ -29,6 +29,11 @@ _AGENTS_KEPT = 50
 _extract = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)  # bundled list, no fetch
 
 
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """'1 request', '2 requests', '1,024 hosts': every count report prints reads as English."""
+    return f"{number:,} {noun if number == 1 else plural or noun + 's'}"
+
+
 @lru_cache(maxsize=65536)
 def registrable_domain(host: str) -> str:
     """example.co.uk for a.b.example.co.uk; hosts under no known suffix group by last 2 labels."""
@@ -223,7 +228,8 @@ class Progress:
         self._shown = now
         share = min(done_bytes / self.total, 1.0)
         bar = "#" * int(share * 30)
-        self.stream.write(f"\rreading audit logs [{bar:<30}] {share:6.1%} {events:,} events")
+        self.stream.write(f"\rreading audit logs [{bar:<30}] {share:6.1%} "
+                          f"{counted(events, 'event')}")
         self.stream.flush()
 
     def finish(self) -> None:

@@ -11,7 +11,7 @@ import io
 import json
 import re
 
-from .report import HostStats, Report
+from .report import HostStats, Report, counted
 from .textsafe import csv_cell, printable
 
 
@@ -41,18 +41,24 @@ def _row(stats: HostStats) -> list[str]:
             " ".join(stats.paths), _approval_text(stats)]
 
 
-def _headline(report: Report) -> str:
+def headline(report: Report) -> str:
+    """The totals in one sentence; every format (and the HTML page) starts with it."""
     t = report.totals()
     label = {"deny": "blocked", "held": "held", "allow": "allowed", "all": "decided"}[
         report.decision]
-    text = (f"{t['requests']:,} {label} requests to {t['hosts']:,} hosts in {t['domains']:,} "
-            f"domains by {t['agents']:,} agents ({t['events']:,} events in "
-            f"{len(t['files'])} file{'s' if len(t['files']) != 1 else ''})")
+    text = (f"{counted(t['requests'], f'{label} request')} to {counted(t['hosts'], 'host')} "
+            f"in {counted(t['domains'], 'domain')} by {counted(t['agents'], 'agent')} "
+            f"({counted(t['events'], 'event')} in {counted(len(t['files']), 'file')})")
     if t["malformed_lines"]:
-        text += (f"; {t['malformed_lines']:,} malformed lines skipped: "
+        text += (f"; {counted(t['malformed_lines'], 'malformed line')} skipped: "
                  f"{', '.join(t['malformed_at'])}"
                  + (" ..." if t["malformed_lines"] > len(t["malformed_at"]) else ""))
     return text
+
+
+def summary(report: Report) -> str:
+    """What `-o FILE` says on standard error about what it wrote."""
+    return f"{counted(report.matched, 'request')}, {counted(len(report.hosts), 'host')}"
 
 
 def render_table(report: Report) -> str:
@@ -61,7 +67,7 @@ def render_table(report: Report) -> str:
     indexes = [COLUMNS.index(c) for c in shown]
     table = [shown] + [[row[i] for i in indexes] for row in rows]
     widths = [min(max(len(r[i]) for r in table), 48) for i in range(len(shown))]
-    out = [printable(_headline(report)), ""]
+    out = [printable(headline(report)), ""]
     for number, row in enumerate(table):
         cells = [cell if len(cell) <= 48 else cell[:45] + "..." for cell in row]
         out.append("  ".join(c.rjust(w) if i == 0 else c.ljust(w)
@@ -99,7 +105,7 @@ def _markdown_text(text: str) -> str:
 
 def render_markdown(report: Report) -> str:
     cell = _markdown_text
-    out = ["# agent-egress report", "", cell(_headline(report)), "",
+    out = ["# agent-egress report", "", cell(headline(report)), "",
            "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     out += ["| " + " | ".join(cell(c) for c in _row(s)) + " |" for s in report.rows()]
     return "\n".join(out) + "\n"
@@ -118,7 +124,7 @@ def _timeline_svg(report: Report) -> str:
         x = pad + index * bar
         bars.append(f'<rect class="bar" x="{x:.1f}" y="{height - pad - h:.1f}" '
                     f'width="{max(bar - 1, 0.5):.1f}" height="{h:.1f}">'
-                    f"<title>{_html(hour)}:00 UTC: {count}</title></rect>")
+                    f"<title>{_html(hour)}:00 UTC: {counted(count, 'request')}</title></rect>")
     first, last = _html(buckets[0][0]), _html(buckets[-1][0])
     return (f'<svg id="timeline" viewBox="0 0 {width} {height}" role="img" '
             f'aria-label="requests per hour">'
@@ -126,7 +132,7 @@ def _timeline_svg(report: Report) -> str:
             f'class="axis"/>{"".join(bars)}'
             f'<text x="{pad}" y="{height - 8}">{first}:00</text>'
             f'<text x="{width - pad}" y="{height - 8}" text-anchor="end">{last}:00</text>'
-            f'<text x="{pad}" y="18">peak {peak} per hour</text></svg>')
+            f'<text x="{pad}" y="18">peak {counted(peak, "request")} per hour</text></svg>')
 
 
 _CSS = """
@@ -160,7 +166,7 @@ def render_html(report: Report) -> str:
             f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
             f"<title>agent-egress report</title>"
             f"<style>{_CSS}</style></head><body><h1>agent-egress report</h1>"
-            f'<p class="totals">{_html(_headline(report))}</p>'
+            f'<p class="totals">{_html(headline(report))}</p>'
             f"<h2>Requests per hour (UTC)</h2>{_timeline_svg(report)}"
             f'<table id="hosts"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
             f"</body></html>\n")

@@ -28,6 +28,16 @@ def decided(time: str, host: str, decision: str, reason: str, *, agent: str | No
     return event
 
 
+@pytest.fixture(autouse=True)
+def own_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every report process gets a HOME and XDG directories of its own, never the real ones."""
+    for name, sub in (("HOME", "home"), ("XDG_CONFIG_HOME", "config"),
+                      ("XDG_STATE_HOME", "state"), ("XDG_CACHE_HOME", "cache")):
+        (tmp_path / "env" / sub).mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(name, str(tmp_path / "env" / sub))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+
+
 def write_log(path: Path, events: list, *, gz: bool = False) -> Path:
     text = "".join((e if isinstance(e, str) else json.dumps(e)) + "\n" for e in events)
     if gz:
@@ -197,6 +207,34 @@ def test_suggest(logs, tmp_path) -> None:
     assert tomllib.loads(text)["network"]["allow"]  # ready to paste
     with_managed = report(*map(str, logs), str(more), "--suggest", "--managed", str(managed))
     assert "api.tools.test" not in with_managed.stdout
+
+
+def test_counts_read_as_english(tmp_path) -> None:
+    """One of a thing is singular, everywhere report prints a count."""
+    one = write_log(tmp_path / "one.jsonl", [
+        decided("2026-11-20T10:00:00Z", "one.test", "deny", "not_allowlisted", agent="a1"),
+        "not json"])
+    singular = "1 decided request to 1 host in 1 domain by 1 agent (1 event in 1 file)"
+    table = report(str(one), "--decision", "all")
+    assert table.stdout.splitlines()[0].startswith(
+        singular + f"; 1 malformed line skipped: {one}:2"), table.stdout
+    markdown = report(str(one), "--decision", "all", "--format", "markdown").stdout
+    assert markdown.splitlines()[2].startswith(singular)
+    out = tmp_path / "one.html"
+    written = report(str(one), "--decision", "all", "--format", "html", "-o", str(out))
+    assert written.stderr == f"wrote {out}: 1 request, 1 host\n"
+    page = out.read_text()
+    assert singular in page and "1 requests" not in page and "1 hosts" not in page
+
+    two = write_log(tmp_path / "two.jsonl", [
+        decided("2026-11-20T10:00:00Z", "one.test", "deny", "not_allowlisted", agent="a1"),
+        decided("2026-11-20T10:01:00Z", "two.example", "deny", "not_allowlisted", agent="a2")])
+    plural = "2 blocked requests to 2 hosts in 2 domains by 2 agents (2 events in 1 file)"
+    assert report(str(two)).stdout.splitlines()[0] == plural
+    none = report(str(two), "--decision", "allow", "-o", str(tmp_path / "none.txt"))
+    assert none.stderr == f"wrote {tmp_path / 'none.txt'}: 0 requests, 0 hosts\n"
+    assert (tmp_path / "none.txt").read_text().startswith(
+        "0 allowed requests to 0 hosts in 0 domains by 0 agents (2 events in 1 file)")
 
 
 def test_missing_log_is_a_clear_error(tmp_path) -> None:
