@@ -59,6 +59,17 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+# Refusals whose event detail says what the network did (the address, the DNS failure).
+_DETAILED = frozenset({"private_address", "dns_error"})
+_DETAIL_KEPT = 300
+
+
+def by_person(actor: object) -> bool:
+    """A person's decision (the approval socket names the peer `uid:N`), not the timeout's, the
+    queue limit's or a policy reload's."""
+    return str(actor).startswith("uid:")
+
+
 @dataclass
 class HostStats:
     host: str
@@ -76,14 +87,26 @@ class HostStats:
     asked: int = 0
     approvals: Counter[str] = field(default_factory=Counter)  # "allow by uid:0 (once)" -> n
     timeouts: int = 0
+    # What --suggest weighs (report_suggest), as small counters per host:
+    waits: int = 0  # held for a person (enforce mode): the outcome is an event of its own
+    refused: Counter[tuple[str, str]] = field(default_factory=Counter)  # (reason, rule) -> n
+    audited: Counter[tuple[str, str]] = field(default_factory=Counter)  # audit mode's refusals
+    allowed: int = 0  # by a rule or the default
+    details: dict[str, str] = field(default_factory=dict)  # first detail per _DETAILED reason
+    person_allowed: int = 0  # approval.decided by a person
+    person_denied: int = 0
+    person_latest: tuple[str, str, str] = ("", "", "")  # (time, decision, "by uid:N (scope)")
 
-    def add(self, event: dict[str, Any]) -> None:
-        self.count += 1
-        when = event.get("time", "")
+    def seen(self, when: str) -> None:
         if not self.first or when < self.first:
             self.first = when
         if when > self.last:
             self.last = when
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.count += 1
+        when = str(event.get("time", ""))
+        self.seen(when)
         if (agent := event.get("agent")) and len(self.agents) < _AGENTS_KEPT:
             self.agents.add(str(agent))
         if isinstance(event.get("port"), int):
@@ -91,12 +114,50 @@ class HostStats:
         path = event.get("path")
         if path and len(self.paths) < _EXAMPLES and path not in self.paths:
             self.paths.append(str(path).split("?", 1)[0])
-        self.reasons[str(event.get("reason"))] += 1
-        self.decisions[str(event.get("decision"))] += 1
+        reason, decision = str(event.get("reason")), str(event.get("decision"))
+        self.reasons[reason] += 1
+        self.decisions[decision] += 1
         if rule := event.get("rule"):
             self.rules[str(rule)] += 1
-        if event.get("layer") == "managed" and event.get("decision") == "deny":
+        if event.get("layer") == "managed" and decision == "deny":
             self.managed_denied = True
+        self._weigh(event, when, reason, decision, str(rule or ""))
+
+    def _weigh(self, event: dict[str, Any], when: str, reason: str, decision: str,
+               rule: str) -> None:
+        """Sort the decision into what --suggest needs: audit mode apart (traffic flowed),
+        a person's verdict apart from a rule's."""
+        audit = event.get("mode") == "audit"
+        if audit and decision in ("deny", "held"):
+            self.audited[(reason, rule)] += 1
+        elif decision == "held":
+            self.waits += 1
+        elif decision == "deny":
+            self.refused[(reason, rule)] += 1
+        elif decision == "allow" and reason in ("allowlist", "default"):
+            self.allowed += 1
+        if reason in ("approved", "denied_by_approver"):  # only ever a person's verdict
+            self.decided(when, "allow" if reason == "approved" else "deny",
+                         f"by {event.get('approval_actor', 'a person')} "
+                         f"({event.get('approval_scope', 'scope not logged')})", counted=False)
+        if reason in _DETAILED and reason not in self.details and event.get("detail"):
+            self.details[reason] = str(event["detail"])[:_DETAIL_KEPT]
+
+    def decided(self, when: str, decision: str, how: str, *, counted: bool = True) -> None:
+        """A person's verdict: counted from approval.decided; the latest one (by time) from
+        those and from the requests it let through or refused."""
+        if counted:
+            self.person_allowed += decision == "allow"
+            self.person_denied += decision == "deny"
+        if when >= self.person_latest[0]:
+            self.person_latest = (when, decision, how)
+
+    def join(self, history: HostStats) -> None:
+        """Take in the approval history kept apart for this host."""
+        self.asked, self.approvals, self.timeouts = history.asked, history.approvals, \
+            history.timeouts
+        self.person_allowed, self.person_denied = history.person_allowed, history.person_denied
+        self.person_latest = max(self.person_latest, history.person_latest)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -175,20 +236,34 @@ class Report:
             stats = self.approval_history.get(host)
             if stats is None:
                 stats = self.approval_history[host] = HostStats(host, "")
+            when, actor = str(event.get("time", "")), event.get("actor")
+            stats.seen(when)
             if name == "approval.requested":
                 stats.asked += 1
-            elif event.get("actor") == "timeout":
+            elif actor == "timeout":
                 stats.timeouts += 1
             else:
-                stats.approvals[f"{event.get('decision')} by {event.get('actor')} "
+                stats.approvals[f"{event.get('decision')} by {actor} "
                                 f"({event.get('scope')})"] += 1
+                if by_person(actor) and event.get("decision") in ("allow", "deny"):
+                    stats.decided(when, str(event["decision"]),
+                                  f"by {actor} ({event.get('scope')})")
 
     def rows(self) -> list[HostStats]:
         for host, history in self.approval_history.items():
             if (stats := self.hosts.get(host)) is not None:
-                stats.asked, stats.approvals = history.asked, history.approvals
-                stats.timeouts = history.timeouts
+                stats.join(history)
         return sorted(self.hosts.values(), key=lambda s: (-s.count, s.domain, s.host))
+
+    def every_host(self) -> list[HostStats]:
+        """Every host an event names, requests or approvals alike (a person may decide ahead
+        of any request), its approval history joined: what --suggest weighs."""
+        hosts = {stats.host: stats for stats in self.rows()}
+        for host, history in self.approval_history.items():
+            if host not in hosts:
+                history.domain = registrable_domain(host)
+                hosts[host] = history
+        return list(hosts.values())
 
     def totals(self) -> dict[str, Any]:
         agents = set().union(*(s.agents for s in self.hosts.values())) if self.hosts else set()

@@ -189,54 +189,6 @@ def test_html_renders_in_a_real_browser(logs, tmp_path) -> None:
     assert "evil.test" in dom
 
 
-def test_suggest(logs, tmp_path) -> None:
-    more = write_log(tmp_path / "more.jsonl", [
-        decided("2026-11-22T08:00:00Z", "api.tools.test", "deny", "not_allowlisted",
-                agent=f"a{i % 3}") for i in range(6)])
-    managed = tmp_path / "managed.toml"
-    managed.write_text('version = 1\n[network]\ndeny = ["tools.test", "**.tools.test"]\n')
-    result = report(*map(str, logs), str(more), "--suggest")
-    text = result.stdout
-    assert '"api.tools.test", # 6 requests by 3 agents (a0, a1, a2)' in text
-    assert '"**.evil.test", # 4 requests by 3 agents (a1, a2, a3); hosts: evil.test, ' \
-        "sub.evil.test; 2026-11-20 to 2026-11-21" in text
-    assert '"ask.example.com", # 1 requests; denied_by_approver x1' in text
-    assert "pastebin" not in text  # the managed layer denies it: never suggested
-    import tomllib
-
-    assert tomllib.loads(text)["network"]["allow"]  # ready to paste
-    with_managed = report(*map(str, logs), str(more), "--suggest", "--managed", str(managed))
-    assert "api.tools.test" not in with_managed.stdout
-
-
-def test_counts_read_as_english(tmp_path) -> None:
-    """One of a thing is singular, everywhere report prints a count."""
-    one = write_log(tmp_path / "one.jsonl", [
-        decided("2026-11-20T10:00:00Z", "one.test", "deny", "not_allowlisted", agent="a1"),
-        "not json"])
-    singular = "1 decided request to 1 host in 1 domain by 1 agent (1 event in 1 file)"
-    table = report(str(one), "--decision", "all")
-    assert table.stdout.splitlines()[0].startswith(
-        singular + f"; 1 malformed line skipped: {one}:2"), table.stdout
-    markdown = report(str(one), "--decision", "all", "--format", "markdown").stdout
-    assert markdown.splitlines()[2].startswith(singular)
-    out = tmp_path / "one.html"
-    written = report(str(one), "--decision", "all", "--format", "html", "-o", str(out))
-    assert written.stderr == f"wrote {out}: 1 request, 1 host\n"
-    page = out.read_text()
-    assert singular in page and "1 requests" not in page and "1 hosts" not in page
-
-    two = write_log(tmp_path / "two.jsonl", [
-        decided("2026-11-20T10:00:00Z", "one.test", "deny", "not_allowlisted", agent="a1"),
-        decided("2026-11-20T10:01:00Z", "two.example", "deny", "not_allowlisted", agent="a2")])
-    plural = "2 blocked requests to 2 hosts in 2 domains by 2 agents (2 events in 1 file)"
-    assert report(str(two)).stdout.splitlines()[0] == plural
-    none = report(str(two), "--decision", "allow", "-o", str(tmp_path / "none.txt"))
-    assert none.stderr == f"wrote {tmp_path / 'none.txt'}: 0 requests, 0 hosts\n"
-    assert (tmp_path / "none.txt").read_text().startswith(
-        "0 allowed requests to 0 hosts in 0 domains by 0 agents (2 events in 1 file)")
-
-
 def test_missing_log_is_a_clear_error(tmp_path) -> None:
     result = report(str(tmp_path / "nope.jsonl"))
     assert result.returncode == 2 and "no such audit log" in result.stderr
