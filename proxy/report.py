@@ -23,6 +23,8 @@ from typing import IO, Any
 
 import tldextract
 
+from .report_timeline import Timeline
+
 _EXAMPLES = 3
 _MALFORMED_LISTED = 20
 _AGENTS_KEPT = 50
@@ -184,7 +186,7 @@ class Report:
     malformed: int = 0
     malformed_at: list[str] = field(default_factory=list)
     hosts: dict[str, HostStats] = field(default_factory=dict)
-    timeline: Counter[str] = field(default_factory=Counter)  # hour bucket -> matched requests
+    timeline: Timeline = field(default_factory=Timeline)  # matched requests over time
     approval_history: dict[str, HostStats] = field(default_factory=dict)
 
     def _matches(self, event: dict[str, Any]) -> bool:
@@ -226,7 +228,7 @@ class Report:
                 return
             self.matched += 1
             self._stats(str(event["host"])).add(event)
-            self.timeline[str(event.get("time", ""))[:13]] += 1
+            self.timeline.add(str(event.get("time", "")))
         elif name in ("approval.requested", "approval.decided") and "host" in event:
             if not self._matches(event):
                 return

@@ -10,8 +10,10 @@ import html
 import io
 import json
 import re
+from datetime import datetime
 
 from .report import HostStats, Report, counted
+from .report_timeline import UNITS, Timeline
 from .textsafe import csv_cell, printable
 
 
@@ -78,7 +80,7 @@ def render_table(report: Report) -> str:
 
 
 def render_json(report: Report) -> str:
-    return json.dumps({"totals": report.totals(), "timeline": dict(sorted(report.timeline.items())),
+    return json.dumps({"totals": report.totals(), "timeline": report.timeline.hourly(),
                        "hosts": [s.as_dict() for s in report.rows()]}, indent=2) + "\n"
 
 
@@ -111,37 +113,56 @@ def render_markdown(report: Report) -> str:
     return "\n".join(out) + "\n"
 
 
-def _timeline_svg(report: Report) -> str:
-    buckets = sorted(report.timeline.items())
+def _label(moment: datetime, unit: str) -> str:
+    return moment.strftime("%Y-%m-%d" if unit == "day" else "%Y-%m-%d %H:%M")
+
+
+def _timeline_section(timeline: Timeline) -> str:
+    """A heading naming the bucket, and the chart: bars at their place in time over the whole
+    span (gaps stay gaps), the axis labelled with the start of the first bucket and the end of
+    the last (never the same moment twice)."""
+    unit, start, buckets = timeline.buckets()
+    heading = f"<h2>Requests per {unit} (UTC)</h2>"
     if not buckets:
-        return '<p class="empty">No requests in this period.</p>'
+        return heading + '<p class="empty">No requests in this period.</p>'
+    step = UNITS[unit]
+    end = buckets[-1][0] + step
+    slots = round((end - start) / step)
     width, height, pad = 760, 180, 30
     peak = max(n for _, n in buckets)
-    bar = max((width - 2 * pad) / len(buckets), 1)
+    slot = (width - 2 * pad) / slots
     bars = []
-    for index, (hour, count) in enumerate(buckets):
+    for moment, count in buckets:
         h = (height - 2 * pad) * count / peak
-        x = pad + index * bar
-        bars.append(f'<rect class="bar" x="{x:.1f}" y="{height - pad - h:.1f}" '
-                    f'width="{max(bar - 1, 0.5):.1f}" height="{h:.1f}">'
-                    f"<title>{_html(hour)}:00 UTC: {counted(count, 'request')}</title></rect>")
-    first, last = _html(buckets[0][0]), _html(buckets[-1][0])
-    return (f'<svg id="timeline" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="requests per hour">'
+        x = pad + round((moment - start) / step) * slot
+        bars.append(f'<rect class="bar" x="{x:.2f}" y="{height - pad - h:.1f}" '
+                    f'width="{max(slot * 0.85, 0.5):.2f}" height="{h:.1f}">'
+                    f"<title>{_label(moment, unit)} UTC: {counted(count, 'request')}</title>"
+                    f"</rect>")
+    first, last = html.escape(_label(start, unit)), html.escape(_label(end, unit))
+    return (f'{heading}<svg id="timeline" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="requests per {unit}">'
             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
             f'class="axis"/>{"".join(bars)}'
-            f'<text x="{pad}" y="{height - 8}">{first}:00</text>'
-            f'<text x="{width - pad}" y="{height - 8}" text-anchor="end">{last}:00</text>'
-            f'<text x="{pad}" y="18">peak {counted(peak, "request")} per hour</text></svg>')
+            f'<text class="axis-label" x="{pad}" y="{height - 8}">{first}</text>'
+            f'<text class="axis-label" x="{width - pad}" y="{height - 8}" '
+            f'text-anchor="end">{last}</text>'
+            f'<text x="{pad}" y="18">peak {counted(peak, "request")} per {unit}</text></svg>')
 
 
+# Share of the table's width per column: a fixed layout never grows past the page, and long
+# values (hosts, paths, timestamps: agent-chosen, unbroken) wrap anywhere rather than push the
+# last columns out of sight.
+_WIDTHS = {"count": 5, "domain": 10, "host": 14, "ports": 5, "agents": 10, "first_seen": 9,
+           "last_seen": 9, "why": 11, "example_paths": 13, "approvals": 14}
 _CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
+body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;overflow-wrap:anywhere}
 h1{font-size:1.4em}.totals{margin:.5em 0 1.5em;color:#444}
 svg{width:100%;max-width:760px;height:auto;border:1px solid #ddd;background:#fafafa}
 .bar{fill:#c0392b}.axis{stroke:#888}svg text{font-size:11px;fill:#555}
-table{border-collapse:collapse;margin-top:1.5em;width:100%}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin-top:1.5em;width:100%;table-layout:fixed;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 5px;text-align:left;vertical-align:top;
+overflow-wrap:anywhere;word-break:break-word}
 th{background:#eee}td.n{text-align:right}
 @media print{body{margin:0}svg{border:none}tr{page-break-inside:avoid}}
 """
@@ -156,10 +177,17 @@ def _html(text: str) -> str:
     return html.escape(printable(text))
 
 
+def _list_html(text: str) -> str:
+    """A cell whose comma-joined lists (agents, ports) wrap between their items, not inside."""
+    return _html(text).replace(",", ",<wbr>")
+
+
 def render_html(report: Report) -> str:
+    assert list(_WIDTHS) == COLUMNS and sum(_WIDTHS.values()) == 100
+    columns = "".join(f'<col style="width:{_WIDTHS[c]}%">' for c in COLUMNS)
     head = "".join(f"<th>{_html(c)}</th>" for c in COLUMNS)
     body = "".join(
-        "<tr>" + "".join(f'<td{" class=n" if i == 0 else ""}>{_html(c)}</td>'
+        "<tr>" + "".join(f'<td{" class=n" if i == 0 else ""}>{_list_html(c)}</td>'
                          for i, c in enumerate(_row(s))) + "</tr>"
         for s in report.rows())
     return (f"<!doctype html><html><head><meta charset=utf-8>"
@@ -167,8 +195,9 @@ def render_html(report: Report) -> str:
             f"<title>agent-egress report</title>"
             f"<style>{_CSS}</style></head><body><h1>agent-egress report</h1>"
             f'<p class="totals">{_html(headline(report))}</p>'
-            f"<h2>Requests per hour (UTC)</h2>{_timeline_svg(report)}"
-            f'<table id="hosts"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+            f"{_timeline_section(report.timeline)}"
+            f'<table id="hosts"><colgroup>{columns}</colgroup>'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
             f"</body></html>\n")
 
 
