@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--agent", metavar="ID", help="only this agent's requests")
     report.add_argument("--decision", choices=("deny", "held", "allow", "all"),
                         help="which decisions to report (default: deny, i.e. blocked); "
-                             "--suggest always reads every decision")
+                             "not with --suggest, which reads every decision")
     report.add_argument("--format", choices=("table", "json", "csv", "markdown", "html"),
                         default="table", help="output format (default: table); --suggest "
                                               "writes TOML, or JSON with --format json")
