@@ -95,13 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--since", metavar="24h|DATE", help="only events at or after this")
     report.add_argument("--until", metavar="24h|DATE", help="only events before this")
     report.add_argument("--agent", metavar="ID", help="only this agent's requests")
-    report.add_argument("--decision", choices=("deny", "held", "allow", "all"), default="deny",
-                        help="which decisions to report (default: deny, i.e. blocked)")
+    report.add_argument("--decision", choices=("deny", "held", "allow", "all"),
+                        help="which decisions to report (default: deny, i.e. blocked); "
+                             "not with --suggest, which reads every decision")
     report.add_argument("--format", choices=("table", "json", "csv", "markdown", "html"),
-                        default="table")
+                        default="table", help="output format (default: table); --suggest "
+                                              "writes TOML, or JSON with --format json")
     report.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     report.add_argument("--suggest", action="store_true",
-                        help="print candidate allow/deny rules (TOML) with their evidence")
+                        help="print candidate allow/deny rules (TOML) with their evidence, "
+                             "and hosts refused only for their address or DNS")
     report.add_argument("--managed", metavar="FILE",
                         help="managed policy whose deny rules --suggest must respect")
 
@@ -320,7 +323,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from agent_egress.addons.auditlog import default_audit_log_path
 
     from . import report as reporting
+    from . import report_render, report_suggest
 
+    if args.suggest and (args.decision or args.format not in ("table", "json")):
+        print("agent-egress report: --suggest reads every decision and writes TOML (or JSON "
+              "with --format json); drop --decision and other formats", file=sys.stderr)
+        return EXIT_USAGE
     try:
         since = reporting.parse_when(args.since) if args.since else None
         until = reporting.parse_when(args.until) if args.until else None
@@ -334,17 +342,21 @@ def cmd_report(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     total = sum(p.stat().st_size for p in paths)
-    result = reporting.build_report(paths, decision=args.decision, since=since, until=until,
+    decision = "all" if args.suggest else args.decision or "deny"
+    result = reporting.build_report(paths, decision=decision, since=since, until=until,
                                     agent=args.agent, progress=reporting.Progress(total))
     if args.suggest:
         managed = _managed(args)
-        text = reporting.suggest(result, _load(None, (), managed) if managed else None)
+        suggestions = report_suggest.suggest(result,
+                                             _load(None, (), managed) if managed else None)
+        text = suggestions.json() if args.format == "json" else suggestions.toml()
+        summary = suggestions.summary()
     else:
-        text = reporting.RENDERERS[args.format](result)
+        text = report_render.RENDERERS[args.format](result)
+        summary = report_render.summary(result)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
-        print(f"wrote {args.output}: {result.matched:,} requests, {len(result.hosts):,} hosts",
-              file=sys.stderr)
+        print(f"wrote {args.output}: {summary}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return EXIT_OK

@@ -1,18 +1,16 @@
-"""`agent-egress report`: what agents tried to reach, and why it was refused, from audit logs.
+"""`agent-egress report`: reading audit logs into per-host aggregates.
 
 Streams any number of audit logs (rotated, gzipped) line by line: memory grows with the number of
 distinct hosts, never with the number of events. Malformed lines are counted and listed, never
-fatal.
+fatal. Rendering lives in report_render, candidate rules in report_suggest: reading is the part
+every output shares, and the part that must stay fast on large logs.
 """
 
 from __future__ import annotations
 
-import csv
 import gzip
-import html
 import io
 import json
-import re
 import sys
 import time
 from collections import Counter
@@ -24,15 +22,18 @@ from pathlib import Path
 from typing import IO, Any
 
 import tldextract
-import tomlkit
-from agent_egress.policy import Action, CompiledPolicy, InvalidPattern, parse_pattern
 
-from .textsafe import csv_cell, printable
+from .report_timeline import Timeline
 
 _EXAMPLES = 3
 _MALFORMED_LISTED = 20
 _AGENTS_KEPT = 50
 _extract = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)  # bundled list, no fetch
+
+
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """'1 request', '2 requests', '1,024 hosts': every count report prints reads as English."""
+    return f"{number:,} {noun if number == 1 else plural or noun + 's'}"
 
 
 @lru_cache(maxsize=65536)
@@ -60,6 +61,17 @@ def parse_when(text: str, now: datetime | None = None) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+# Refusals whose event detail says what the network did (the address, the DNS failure).
+_DETAILED = frozenset({"private_address", "dns_error"})
+_DETAIL_KEPT = 300
+
+
+def by_person(actor: object) -> bool:
+    """A person's decision (the approval socket names the peer `uid:N`), not the timeout's, the
+    queue limit's or a policy reload's."""
+    return str(actor).startswith("uid:")
+
+
 @dataclass
 class HostStats:
     host: str
@@ -77,14 +89,26 @@ class HostStats:
     asked: int = 0
     approvals: Counter[str] = field(default_factory=Counter)  # "allow by uid:0 (once)" -> n
     timeouts: int = 0
+    # What --suggest weighs (report_suggest), as small counters per host:
+    waits: int = 0  # held for a person (enforce mode): the outcome is an event of its own
+    refused: Counter[tuple[str, str]] = field(default_factory=Counter)  # (reason, rule) -> n
+    audited: Counter[tuple[str, str]] = field(default_factory=Counter)  # audit mode's refusals
+    allowed: int = 0  # by a rule or the default
+    details: dict[str, str] = field(default_factory=dict)  # first detail per _DETAILED reason
+    person_allowed: int = 0  # approval.decided by a person
+    person_denied: int = 0
+    person_latest: tuple[str, str, str] = ("", "", "")  # (time, decision, "by uid:N (scope)")
 
-    def add(self, event: dict[str, Any]) -> None:
-        self.count += 1
-        when = event.get("time", "")
+    def seen(self, when: str) -> None:
         if not self.first or when < self.first:
             self.first = when
         if when > self.last:
             self.last = when
+
+    def add(self, event: dict[str, Any]) -> None:
+        self.count += 1
+        when = str(event.get("time", ""))
+        self.seen(when)
         if (agent := event.get("agent")) and len(self.agents) < _AGENTS_KEPT:
             self.agents.add(str(agent))
         if isinstance(event.get("port"), int):
@@ -92,12 +116,50 @@ class HostStats:
         path = event.get("path")
         if path and len(self.paths) < _EXAMPLES and path not in self.paths:
             self.paths.append(str(path).split("?", 1)[0])
-        self.reasons[str(event.get("reason"))] += 1
-        self.decisions[str(event.get("decision"))] += 1
+        reason, decision = str(event.get("reason")), str(event.get("decision"))
+        self.reasons[reason] += 1
+        self.decisions[decision] += 1
         if rule := event.get("rule"):
             self.rules[str(rule)] += 1
-        if event.get("layer") == "managed" and event.get("decision") == "deny":
+        if event.get("layer") == "managed" and decision == "deny":
             self.managed_denied = True
+        self._weigh(event, when, reason, decision, str(rule or ""))
+
+    def _weigh(self, event: dict[str, Any], when: str, reason: str, decision: str,
+               rule: str) -> None:
+        """Sort the decision into what --suggest needs: audit mode apart (traffic flowed),
+        a person's verdict apart from a rule's."""
+        audit = event.get("mode") == "audit"
+        if audit and decision in ("deny", "held"):
+            self.audited[(reason, rule)] += 1
+        elif decision == "held":
+            self.waits += 1
+        elif decision == "deny":
+            self.refused[(reason, rule)] += 1
+        elif decision == "allow" and reason in ("allowlist", "default"):
+            self.allowed += 1
+        if reason in ("approved", "denied_by_approver"):  # only ever a person's verdict
+            self.decided(when, "allow" if reason == "approved" else "deny",
+                         f"by {event.get('approval_actor', 'a person')} "
+                         f"({event.get('approval_scope', 'scope not logged')})", counted=False)
+        if reason in _DETAILED and reason not in self.details and event.get("detail"):
+            self.details[reason] = str(event["detail"])[:_DETAIL_KEPT]
+
+    def decided(self, when: str, decision: str, how: str, *, counted: bool = True) -> None:
+        """A person's verdict: counted from approval.decided; the latest one (by time) from
+        those and from the requests it let through or refused."""
+        if counted:
+            self.person_allowed += decision == "allow"
+            self.person_denied += decision == "deny"
+        if when >= self.person_latest[0]:
+            self.person_latest = (when, decision, how)
+
+    def join(self, history: HostStats) -> None:
+        """Take in the approval history kept apart for this host."""
+        self.asked, self.approvals, self.timeouts = history.asked, history.approvals, \
+            history.timeouts
+        self.person_allowed, self.person_denied = history.person_allowed, history.person_denied
+        self.person_latest = max(self.person_latest, history.person_latest)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -124,7 +186,7 @@ class Report:
     malformed: int = 0
     malformed_at: list[str] = field(default_factory=list)
     hosts: dict[str, HostStats] = field(default_factory=dict)
-    timeline: Counter[str] = field(default_factory=Counter)  # hour bucket -> matched requests
+    timeline: Timeline = field(default_factory=Timeline)  # matched requests over time
     approval_history: dict[str, HostStats] = field(default_factory=dict)
 
     def _matches(self, event: dict[str, Any]) -> bool:
@@ -166,7 +228,7 @@ class Report:
                 return
             self.matched += 1
             self._stats(str(event["host"])).add(event)
-            self.timeline[str(event.get("time", ""))[:13]] += 1
+            self.timeline.add(str(event.get("time", "")))
         elif name in ("approval.requested", "approval.decided") and "host" in event:
             if not self._matches(event):
                 return
@@ -176,20 +238,34 @@ class Report:
             stats = self.approval_history.get(host)
             if stats is None:
                 stats = self.approval_history[host] = HostStats(host, "")
+            when, actor = str(event.get("time", "")), event.get("actor")
+            stats.seen(when)
             if name == "approval.requested":
                 stats.asked += 1
-            elif event.get("actor") == "timeout":
+            elif actor == "timeout":
                 stats.timeouts += 1
             else:
-                stats.approvals[f"{event.get('decision')} by {event.get('actor')} "
+                stats.approvals[f"{event.get('decision')} by {actor} "
                                 f"({event.get('scope')})"] += 1
+                if by_person(actor) and event.get("decision") in ("allow", "deny"):
+                    stats.decided(when, str(event["decision"]),
+                                  f"by {actor} ({event.get('scope')})")
 
     def rows(self) -> list[HostStats]:
         for host, history in self.approval_history.items():
             if (stats := self.hosts.get(host)) is not None:
-                stats.asked, stats.approvals = history.asked, history.approvals
-                stats.timeouts = history.timeouts
+                stats.join(history)
         return sorted(self.hosts.values(), key=lambda s: (-s.count, s.domain, s.host))
+
+    def every_host(self) -> list[HostStats]:
+        """Every host an event names, requests or approvals alike (a person may decide ahead
+        of any request), its approval history joined: what --suggest weighs."""
+        hosts = {stats.host: stats for stats in self.rows()}
+        for host, history in self.approval_history.items():
+            if host not in hosts:
+                history.domain = registrable_domain(host)
+                hosts[host] = history
+        return list(hosts.values())
 
     def totals(self) -> dict[str, Any]:
         agents = set().union(*(s.agents for s in self.hosts.values())) if self.hosts else set()
@@ -229,7 +305,8 @@ class Progress:
         self._shown = now
         share = min(done_bytes / self.total, 1.0)
         bar = "#" * int(share * 30)
-        self.stream.write(f"\rreading audit logs [{bar:<30}] {share:6.1%} {events:,} events")
+        self.stream.write(f"\rreading audit logs [{bar:<30}] {share:6.1%} "
+                          f"{counted(events, 'event')}")
         self.stream.flush()
 
     def finish(self) -> None:
@@ -255,251 +332,6 @@ def build_report(paths: Iterable[Path], *, decision: str = "deny",
     if progress is not None:
         progress.finish()
     return report
-
-
-# -- suggestions ------------------------------------------------------------------------------
-
-_DENY_REASONS = {"denied_by_approver", "sni_mismatch", "host_mismatch", "private_address"}
-
-
-def suggest(report: Report, managed: CompiledPolicy | None, *, min_count: int = 3,
-            min_agents: int = 2) -> str:
-    """A TOML snippet of candidate rules, each with the evidence behind it."""
-    allow, deny = _candidates(report, managed, min_count, min_agents)
-    return _suggestion_toml(report, allow, deny)
-
-
-def _candidates(report: Report, managed: CompiledPolicy | None, min_count: int,
-                min_agents: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(pattern, evidence) pairs to allow and to deny, as the log has them (unescaped)."""
-    by_domain: dict[str, list[HostStats]] = {}
-    for stats in report.rows():
-        by_domain.setdefault(stats.domain, []).append(stats)
-    allow, deny = [], []
-    for domain, hosts in by_domain.items():
-        flagged = any(set(h.reasons) & _DENY_REASONS or h.reasons.get("denylist") or
-                      any(key.startswith("deny") for key in h.approvals) for h in hosts)
-        if any(h.managed_denied for h in hosts):
-            continue  # never suggest around the administrator's deny rules
-        count = sum(h.count for h in hosts)
-        agents = set().union(*(h.agents for h in hosts))
-        pattern = hosts[0].host if len(hosts) == 1 else f"**.{domain}"
-        if managed is not None and managed.decide(hosts[0].host, 443).action is Action.DENY:
-            continue
-        if flagged:
-            reasons = Counter()
-            for h in hosts:
-                reasons.update(h.reasons)
-            evidence = ", ".join(f"{r} x{n}" for r, n in reasons.most_common(3))
-            approvals = sum(sum(v for k, v in h.approvals.items() if k.startswith("deny"))
-                            for h in hosts)
-            if approvals or set(reasons) & _DENY_REASONS:
-                deny.append((pattern, f"{count} requests; {evidence}"
-                             + (f"; denied by a person {approvals}x" if approvals else "")))
-            continue
-        blocked_for = {"not_allowlisted", "needs_approval", "approval_timeout"}
-        if count >= min_count and len(agents) >= min_agents and all(
-                set(h.reasons) <= blocked_for for h in hosts):
-            hosts_text = ", ".join(h.host for h in hosts[:3])
-            allow.append((pattern, f"{count} requests by {len(agents)} agents "
-                                   f"({', '.join(sorted(agents)[:3])}); hosts: {hosts_text}; "
-                                   f"{hosts[0].first[:10]} to {max(h.last for h in hosts)[:10]}"))
-    return allow, deny
-
-
-def _rule_pattern(text: str) -> bool:
-    """Whether a host from the log is a pattern that names exactly that host (or subtree).
-
-    Hosts in a log are whatever an agent sent when they were invalid: never `*`, never a port,
-    nothing the policy would read differently from what the evidence shows.
-    """
-    try:
-        return parse_pattern(text, allow_any=False).port is None
-    except InvalidPattern:
-        return False
-
-
-def _suggestion_toml(report: Report, allow: list[tuple[str, str]],
-                     deny: list[tuple[str, str]]) -> str:
-    """Written by tomlkit: patterns are TOML strings, evidence sits in one-line comments."""
-    document = tomlkit.document()
-    document.add(tomlkit.comment(printable(
-        f"Candidate rules from agent-egress report ({report.matched} requests, "
-        f"{report.totals()['since'] or 'all time'})")))
-    document.add(tomlkit.comment(
-        "Review each before pasting it into the [network] table of a policy file."))
-    skipped = [p for p, _ in allow + deny if not _rule_pattern(p)]
-    for pattern in skipped:
-        document.add(tomlkit.comment(f"skipped, not a valid rule pattern: {printable(pattern)}"))
-    network = tomlkit.table()
-    for key, candidates in (("allow", allow), ("deny", deny)):
-        array = tomlkit.array()
-        valid = [(p, why) for p, why in candidates if p not in skipped]
-        for pattern, why in valid:
-            array.add_line(pattern, comment=printable(why))
-        if not valid:
-            array.add_line(comment="(no candidates)")
-        array.add_line(indent="")  # the closing bracket on a line of its own
-        network.add(key, array)
-    document.add("network", network)
-    return tomlkit.dumps(document)
-
-
-# -- output formats ---------------------------------------------------------------------------
-
-def _approval_text(stats: HostStats) -> str:
-    if not stats.asked and not stats.approvals and not stats.timeouts:
-        return ""
-    parts = [f"asked {stats.asked}"] if stats.asked else []
-    parts += [f"{text} x{n}" for text, n in stats.approvals.most_common(2)]
-    if stats.timeouts:
-        parts.append(f"timed out {stats.timeouts}")
-    return "; ".join(parts)
-
-
-def _why(stats: HostStats) -> str:
-    reason = stats.reasons.most_common(1)[0][0]
-    rule = stats.rules.most_common(1)[0][0] if stats.rules else ""
-    return f"{reason} ({rule})" if rule else reason
-
-
-COLUMNS = ["count", "domain", "host", "ports", "agents", "first_seen", "last_seen", "why",
-           "example_paths", "approvals"]
-
-
-def _row(stats: HostStats) -> list[str]:
-    return [str(stats.count), stats.domain, stats.host, ",".join(map(str, sorted(stats.ports))),
-            ",".join(sorted(stats.agents)), stats.first, stats.last, _why(stats),
-            " ".join(stats.paths), _approval_text(stats)]
-
-
-def _headline(report: Report) -> str:
-    t = report.totals()
-    label = {"deny": "blocked", "held": "held", "allow": "allowed", "all": "decided"}[
-        report.decision]
-    text = (f"{t['requests']:,} {label} requests to {t['hosts']:,} hosts in {t['domains']:,} "
-            f"domains by {t['agents']:,} agents ({t['events']:,} events in "
-            f"{len(t['files'])} file{'s' if len(t['files']) != 1 else ''})")
-    if t["malformed_lines"]:
-        text += (f"; {t['malformed_lines']:,} malformed lines skipped: "
-                 f"{', '.join(t['malformed_at'])}"
-                 + (" ..." if t["malformed_lines"] > len(t["malformed_at"]) else ""))
-    return text
-
-
-def render_table(report: Report) -> str:
-    rows = [[printable(cell) for cell in _row(s)] for s in report.rows()]
-    shown = ["count", "domain", "host", "ports", "agents", "last_seen", "why", "approvals"]
-    indexes = [COLUMNS.index(c) for c in shown]
-    table = [shown] + [[row[i] for i in indexes] for row in rows]
-    widths = [min(max(len(r[i]) for r in table), 48) for i in range(len(shown))]
-    out = [printable(_headline(report)), ""]
-    for number, row in enumerate(table):
-        cells = [cell if len(cell) <= 48 else cell[:45] + "..." for cell in row]
-        out.append("  ".join(c.rjust(w) if i == 0 else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip())
-        if number == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out) + "\n"
-
-
-def render_json(report: Report) -> str:
-    return json.dumps({"totals": report.totals(), "timeline": dict(sorted(report.timeline.items())),
-                       "hosts": [s.as_dict() for s in report.rows()]}, indent=2) + "\n"
-
-
-def render_csv(report: Report) -> str:
-    """Exact data, except that no cell can start a spreadsheet formula.
-
-    RFC 4180 line ends: with them the writer quotes any cell holding a CR or LF, which would
-    otherwise start a new row.
-    """
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow(COLUMNS)
-    writer.writerows([csv_cell(cell) for cell in _row(s)] for s in report.rows())
-    return buffer.getvalue()
-
-
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|&~])")
-
-
-def _markdown_text(text: str) -> str:
-    """Shown as typed by any CommonMark renderer: no links, HTML, entities, code or cells."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", printable(text))
-
-
-def render_markdown(report: Report) -> str:
-    cell = _markdown_text
-    out = ["# agent-egress report", "", cell(_headline(report)), "",
-           "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    out += ["| " + " | ".join(cell(c) for c in _row(s)) + " |" for s in report.rows()]
-    return "\n".join(out) + "\n"
-
-
-def _timeline_svg(report: Report) -> str:
-    buckets = sorted(report.timeline.items())
-    if not buckets:
-        return '<p class="empty">No requests in this period.</p>'
-    width, height, pad = 760, 180, 30
-    peak = max(n for _, n in buckets)
-    bar = max((width - 2 * pad) / len(buckets), 1)
-    bars = []
-    for index, (hour, count) in enumerate(buckets):
-        h = (height - 2 * pad) * count / peak
-        x = pad + index * bar
-        bars.append(f'<rect class="bar" x="{x:.1f}" y="{height - pad - h:.1f}" '
-                    f'width="{max(bar - 1, 0.5):.1f}" height="{h:.1f}">'
-                    f"<title>{_html(hour)}:00 UTC: {count}</title></rect>")
-    first, last = _html(buckets[0][0]), _html(buckets[-1][0])
-    return (f'<svg id="timeline" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="requests per hour">'
-            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
-            f'class="axis"/>{"".join(bars)}'
-            f'<text x="{pad}" y="{height - 8}">{first}:00</text>'
-            f'<text x="{width - pad}" y="{height - 8}" text-anchor="end">{last}:00</text>'
-            f'<text x="{pad}" y="18">peak {peak} per hour</text></svg>')
-
-
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
-h1{font-size:1.4em}.totals{margin:.5em 0 1.5em;color:#444}
-svg{width:100%;max-width:760px;height:auto;border:1px solid #ddd;background:#fafafa}
-.bar{fill:#c0392b}.axis{stroke:#888}svg text{font-size:11px;fill:#555}
-table{border-collapse:collapse;margin-top:1.5em;width:100%}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
-th{background:#eee}td.n{text-align:right}
-@media print{body{margin:0}svg{border:none}tr{page-break-inside:avoid}}
-"""
-
-
-# No script from anywhere, no fetches; the page's own inline CSS only.
-_CSP = "default-src 'none'; style-src 'unsafe-inline'"
-
-
-def _html(text: str) -> str:
-    """Text, never markup; controls and bidi overrides shown escaped, as on a terminal."""
-    return html.escape(printable(text))
-
-
-def render_html(report: Report) -> str:
-    head = "".join(f"<th>{_html(c)}</th>" for c in COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f'<td{" class=n" if i == 0 else ""}>{_html(c)}</td>'
-                         for i, c in enumerate(_row(s))) + "</tr>"
-        for s in report.rows())
-    return (f"<!doctype html><html><head><meta charset=utf-8>"
-            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-            f"<title>agent-egress report</title>"
-            f"<style>{_CSS}</style></head><body><h1>agent-egress report</h1>"
-            f'<p class="totals">{_html(_headline(report))}</p>'
-            f"<h2>Requests per hour (UTC)</h2>{_timeline_svg(report)}"
-            f'<table id="hosts"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-            f"</body></html>\n")
-
-
-RENDERERS = {"table": render_table, "json": render_json, "csv": render_csv,
-             "markdown": render_markdown, "html": render_html}
 
 
 def expand_logs(paths: Iterable[str]) -> Iterator[Path]:

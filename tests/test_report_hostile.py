@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from test_report import decided, report, write_log
+from test_report import decided, own_home, report, write_log  # noqa: F401 (fixture)
 
 TOML_BREAKOUT = 'evil"\n[network]\nallow = ["*"]'
 # Shown to people only as escapes: terminal control, overwrite, reordering, invisibility.
@@ -20,8 +20,9 @@ RAW_CONTROLS = ["\x1b", "\x9b", "\x07", "\x00", "\x7f", "\r", "\u202e", "\u2066"
 
 def _agents_events(host: str, agents: list[str], reason: str = "not_allowlisted",
                    **fields) -> list[dict]:
-    return [decided(f"2026-11-22T08:0{i}:00Z", host, "deny", reason, agent=agent, **fields)
-            for i, agent in enumerate(agents)]
+    """Audit-mode refusals: each host is an allow candidate, were it a valid pattern."""
+    return [{**decided(f"2026-11-22T08:0{i}:00Z", host, "deny", reason, agent=agent, **fields),
+             "mode": "audit", "enforced": False} for i, agent in enumerate(agents)]
 
 
 @pytest.fixture
@@ -68,10 +69,11 @@ def test_suggest_is_toml_written_by_a_library_and_says_only_what_it_suggests(hos
         # No agent-chosen text starts a line: every line is a comment, a table header, a key,
         # a quoted suggestion, or the closing bracket.
         assert re.match(r'(#|\[network\]$|allow = \[|deny = \[|    "|    #|\]$|$)', line), line
-    assert "(\\x1b[31mred, =cmd|' /C calc'!A0, a\\x0a[x]\\x0ak = 1)" in text  # evidence, escaped
+    # The evidence (agent names), escaped:
+    assert "(\\x1b[31mred, =cmd|' /C calc'!A0, a\\x0a[x]\\x0ak = 1 and 2 more)" in text
     skipped = "\n".join(line for line in text.splitlines() if "skipped" in line)
     assert "evil\"\\x0a[network]\\x0aallow = [\"*\"]" in skipped
-    assert "**.x\\u202e.test" in skipped
+    assert "a.x\\u202e.test" in skipped and "b.x\\u202e.test" in skipped
 
 
 def test_table_and_markdown_show_controls_escaped(hostile_log):
