@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 from agent_egress.policy import CompiledPolicy, Reason, Settings
 from mitmproxy import connection, http
-from mitmproxy.proxy import layer, layers
 
 from . import connections
 from .auditlog import AuditLog
@@ -38,9 +37,14 @@ class _Deadline:
 
 
 class ClientLimits:
-    def __init__(self, audit: AuditLog, policy: Callable[[], CompiledPolicy | None]) -> None:
+    """Runs before the enforcer: a head is complete when mitmproxy calls the request hooks,
+    and a request held for a person must not be cut by the head deadline meanwhile."""
+
+    def __init__(self, audit: AuditLog, policy: Callable[[], CompiledPolicy | None],
+                 tunnel_protocol: Callable[[connection.Client], str | None]) -> None:
         self.audit = audit
         self.policy = policy
+        self.tunnel_protocol = tunnel_protocol  # what a tunnel was judged to carry, if yet
         self._open: collections.Counter[str] = collections.Counter()  # address -> connections
         self._deadlines: dict[str, _Deadline] = {}  # client connection id -> its deadline
 
@@ -82,13 +86,6 @@ class ClientLimits:
         self._arm(flow.client_conn, first_request=False,
                   tunnel=(request.pretty_host, request.port, agent_of(flow)))
 
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        # Runs after the layer is chosen: once a tunnel's bytes are judged TLS or raw TCP (or
-        # refused), nothing is awaited any more; HTTP still owes its request head.
-        chosen = nextlayer.layer
-        if chosen is not None and not isinstance(chosen, layers.HttpLayer):
-            self._disarm(nextlayer.context.client)
-
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         # mitmproxy keeps every relayed WebSocket message on the flow for the connection's
         # life (for its UI); relayed, a message is nobody's business here any more.
@@ -115,7 +112,10 @@ class ClientLimits:
         deadline = self._deadlines.pop(client.id, None)
         if deadline is None:
             return
-        if deadline.tunnel is not None:
+        protocol = self.tunnel_protocol(client) if deadline.tunnel is not None else None
+        if protocol in ("tls", "tcp"):
+            return  # judged and relayed: nothing more is owed
+        if deadline.tunnel is not None and protocol is None:
             host, port, agent = deadline.tunnel
             self.audit.emit("request.decided", client=_client_text(client), scheme="connect",
                             host=host, port=port, agent=agent, decision="deny",

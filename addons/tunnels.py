@@ -281,10 +281,10 @@ class Tunnels:
         self.audit.emit("request.decided", client=tunnel.client, scheme="connect", sni=sni,
                         agent=tunnel.agent, **decision_fields(decision), **extra)
 
-    def undecided(self, client: connection.Client) -> Tunnel | None:
-        """The open tunnel of this client whose first bytes have not been judged yet."""
+    def protocol(self, client: connection.Client) -> str | None:
+        """What this client's tunnel was judged to carry (tls, http, tcp); None before."""
         tunnel = self._tunnels.get(client.id)
-        return tunnel if tunnel is not None and tunnel.protocol is None else None
+        return tunnel.protocol if tunnel is not None else None
 
     @property
     def open_count(self) -> int:

@@ -96,12 +96,12 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
                                          lambda: len(approvals.pending)).on_event)
         server = ApprovalServer(approvals, audit, socket_path, approver_uids,
                                 status=reloader.status, agent_uid=agent_uid)
-        # Order matters: identity before the enforcer; the proxy port and tunnel layer choices
-        # before ClientLimits (which watches them); FailClosed last, to refuse what nothing
+        # Order matters: identity and ClientLimits (a complete head stops its deadline, before
+        # a request may be held) before the enforcer; FailClosed last, to refuse what nothing
         # decided.
         proxy.addons.add(audit, pinning, approvals, Health(), AgentIdentity(policy, audit),
-                          enforcer, port, tunnels, ClientLimits(audit, policy), reloader,
-                          Announce(socket_path, server.full_status), FailClosed(audit))
+                          ClientLimits(audit, policy, tunnels.protocol), enforcer, port, tunnels,
+                          reloader, Announce(socket_path, server.full_status), FailClosed(audit))
         try:
             opts.update(
                 # Nothing connects upstream before the policy has decided and pinned an address.

@@ -143,3 +143,23 @@ def test_connections_per_client_are_bounded(limited_proxy, plain_origin) -> None
     assert read_all(again, timeout=5).startswith(b"HTTP/1.1 200")
     for sock in held:
         sock.close()
+
+
+def test_a_request_held_for_a_person_outlives_the_head_deadline(tls_origin, plain_origin,
+                                                                tmp_path, client_env) -> None:
+    text = policy_text(tls_origin.port, plain_origin.port, default="ask").replace(
+        "[resolve]", "header_timeout = 1\n[resolve]")
+    process = ProxyProcess(tmp_path / "p", text)
+    try:
+        curl = subprocess.Popen(["curl", "-sS", "--max-time", "30", "-x", process.url,
+                                 f"https://ask.test:{tls_origin.port}/hello"],
+                                env=client_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        held = process.wait_for_event(lambda e: e.get("decision") == "held", timeout=10)
+        time.sleep(2.5)  # well past header_timeout
+        assert curl.poll() is None
+        assert process.cli("approve", f"ask.test:{held['port']}").returncode == 0
+        out, err = curl.communicate(timeout=30)
+        assert out.startswith("hello from tls-origin"), err
+    finally:
+        process.stop()
