@@ -13,6 +13,7 @@ watching approver) under thousands of requests.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from collections import Counter
@@ -37,6 +38,7 @@ from . import connections
 from .auditlog import AuditLog
 
 SCOPES = ("once", "session", "always")
+_PENDING_ID = re.compile(r"[0-9a-f]{8}")
 _CLIENT_CHECK_INTERVAL = 0.25
 
 
@@ -122,7 +124,7 @@ class Approvals:
         self._watcher: asyncio.Task[None] | None = None
         # Set by the enforcer: writes an `always` decision to the user policy file, and the
         # scopes the (managed) policy lets approvers use.
-        self.persist: Callable[[Action, str, int | None], None] | None = None
+        self.persist: Callable[[Action, str, int | None], str] | None = None
         self.allowed_scopes: frozenset[str] = frozenset(SCOPES)
         self._deciding: set[str] = set()  # pending ids an `always` write is about to decide
 
@@ -272,6 +274,10 @@ class Approvals:
         if target in self._by_id:
             pending = self._by_id[target]
             return [pending], pending.host, pending.port
+        if _PENDING_ID.fullmatch(target):  # an id (8 hex digits), not a one-label host name
+            raise ApprovalError("unknown_id", f"no pending request with id {target} (it may "
+                                "have been decided or expired); 'agent-egress pending' lists "
+                                "the waiting ones")
         try:
             host_text, port = split_host_port(target)
             host = normalize_host(host_text).name
@@ -304,11 +310,13 @@ class Approvals:
                 raise ApprovalError("unsupported", "this proxy cannot write its policy file")
             self._deciding = {pending.id for pending in matches}
             try:
-                self.persist(action, host, port)
+                written = self.persist(action, host, port)
             except PolicyError as exc:
                 raise ApprovalError("write_failed", f"{exc}; nothing was decided") from None
             finally:
                 self._deciding = set()
+        else:
+            written = None
         released = 0
         ids = []
         for pending in matches or [None]:
@@ -324,8 +332,9 @@ class Approvals:
             if pending is not None:
                 ids.append(pending.id)
                 released += self._close(pending, verdict, decision)
-        return {"host": host, "port": port, "decision": decision, "scope": scope,
-                "ids": ids, "released": released}
+        result = {"host": host, "port": port, "decision": decision, "scope": scope,
+                  "ids": ids, "released": released}
+        return {**result, "written": written} if written else result
 
     def policy_changed(self, policy: CompiledPolicy) -> None:
         """After a reload: requests the new policy decides by rule are re-decided by it."""

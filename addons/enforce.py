@@ -7,6 +7,7 @@ upstream. An allowed one has its upstream resolved, checked and pinned before an
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -69,14 +70,10 @@ def blocked_response(decision: Decision) -> http.Response:
 
     It names the rule and its file, never a path on the machine (the event keeps those)."""
     why = decision.explain(file_names_only=True)
-    body = (
-        f"agent-egress blocked this request.\n"
-        f"destination: {decision.host}:{decision.port}\n"
-        f"reason: {decision.reason.value}: {why}\n"
-        f"what to do: if the task needs this destination, ask the person running the agent to "
-        f"allow it in the agent-egress policy (see: agent-egress policy explain "
-        f"{decision.host}:{decision.port}). Do not try to reach it another way.\n"
-    )
+    body = (f"agent-egress blocked this request.\n"
+            f"destination: {decision.host}:{decision.port}\n"
+            f"reason: {decision.reason.value}: {why}\n"
+            f"what to do: {_what_to_do(decision)} Do not try to reach it another way.\n")
     error = _PROXY_STATUS_ERROR.get(decision.reason, "http_request_denied")
     details = _quoted_header_text(why)
     return http.Response.make(_STATUS.get(decision.reason, 403), body, {
@@ -85,6 +82,34 @@ def blocked_response(decision: Decision) -> http.Response:
         "x-proxy-error": _X_PROXY_ERROR.get(decision.reason, "blocked-by-policy"),
         "Connection": "close",
     })
+
+
+def policy_files_signature() -> tuple[Any, ...]:
+    """Which versions of the policy files the options name (inode, mtime, size)."""
+    signature: list[Any] = []
+    for path in (ctx.options.policy_file, ctx.options.managed_policy_file):
+        if not path:
+            continue
+        try:
+            info = os.stat(path)
+            signature.append((path, info.st_ino, info.st_mtime_ns, info.st_size))
+        except OSError:
+            signature.append((path, None))
+    return tuple(signature)
+
+
+def _what_to_do(decision: Decision) -> str:
+    """Advice that helps: for an address or DNS refusal, the policy is not the problem."""
+    target = f"{decision.host}:{decision.port}"
+    if decision.reason is Reason.PRIVATE_ADDRESS:
+        return (f"{decision.host} resolves to a non-public address, which no allow rule "
+                "changes. If it is an internal service agents should reach, an administrator "
+                "can list its network in network.allowed_cidrs; otherwise check the name.")
+    if decision.reason is Reason.DNS_ERROR:
+        return (f"the proxy could not look up {decision.host}: check the name (a typo?) and "
+                "the proxy's DNS; the policy is not the problem.")
+    return (f"if the task needs this destination, ask the person running the agent to allow "
+            f"it in the agent-egress policy (see: agent-egress policy explain {target}).")
 
 
 def _quoted_header_text(text: str) -> str:
@@ -166,6 +191,7 @@ class Enforcer:
         self.discard_body = discard_body  # a refused request's body is read and dropped
         approvals.persist = self.persist_rule
         self.policy: CompiledPolicy | None = None
+        self.loaded_from: tuple[Any, ...] = ()  # the policy files' signature when read
 
     def load(self, loader: Any) -> None:
         loader.add_option("policy_file", str, "",
@@ -184,10 +210,12 @@ class Enforcer:
 
     def reload(self) -> CompiledPolicy:
         """Load the policy files afresh; on error the policy in force stays (PolicyError)."""
+        signature = policy_files_signature()  # before reading: a later change is seen later
         policy = load_policy(ctx.options.policy_file or None,
                              resolve=ctx.options.resolve_overrides,
                              managed=ctx.options.managed_policy_file or None)
         self.policy = policy
+        self.loaded_from = signature
         self.approvals.allowed_scopes = policy.settings.approval_scopes
         self.audit.emit("policy.loaded", policy=ctx.options.policy_file or "built-in",
                         managed=ctx.options.managed_policy_file or None,
@@ -196,8 +224,8 @@ class Enforcer:
         self.approvals.policy_changed(policy)
         return policy
 
-    def persist_rule(self, action: Action, host: str, port: int | None) -> None:
-        """Write an `always` decision to the user policy file and start using it."""
+    def persist_rule(self, action: Action, host: str, port: int | None) -> str:
+        """Write an `always` decision to the user policy file and start using it; the path."""
         from agent_egress.policy.writer import add_rule_to_file, rule_pattern  # tomlkit
 
         assert self.policy is not None
@@ -209,6 +237,7 @@ class Enforcer:
             ctx.options.update(policy_file=str(path))
         else:
             self.reload()
+        return str(path)
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:

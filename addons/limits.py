@@ -17,7 +17,6 @@ from mitmproxy import connection, http
 
 from . import connections
 from .auditlog import AuditLog
-from .identity import agent_of
 from .proxyport import plain_response
 
 
@@ -27,25 +26,22 @@ def _client_text(client: connection.Client) -> str | None:
 
 
 class _Deadline:
-    __slots__ = ("timer", "first_request", "tunnel")
+    __slots__ = ("timer", "first_request")
 
-    def __init__(self, timer: asyncio.TimerHandle, first_request: bool,
-                 tunnel: tuple[str, int, str | None] | None) -> None:
+    def __init__(self, timer: asyncio.TimerHandle, first_request: bool) -> None:
         self.timer = timer
         self.first_request = first_request  # nothing answered yet: a 408 tells the client why
-        self.tunnel = tunnel  # (host, port, agent) while a tunnel's first bytes are awaited
 
 
 class ClientLimits:
     """Runs before the enforcer: a head is complete when mitmproxy calls the request hooks,
-    and a request held for a person must not be cut by the head deadline meanwhile."""
+    and a request held for a person must not be cut by the head deadline meanwhile. (A
+    tunnel's first bytes have a deadline of their own, in Tunnels.)"""
 
-    def __init__(self, audit: AuditLog, policy: Callable[[], CompiledPolicy | None],
-                 tunnel_protocol: Callable[[connection.Client], str | None]) -> None:
+    def __init__(self, audit: AuditLog, policy: Callable[[], CompiledPolicy | None]) -> None:
         self.audit = audit
         self.policy = policy
-        self.tunnel_protocol = tunnel_protocol  # what a tunnel was judged to carry, if yet
-        self._open: collections.Counter[str] = collections.Counter()  # address -> connections
+        self._open: collections.Counter[str] = collections.Counter()  # client -> connections
         self._deadlines: dict[str, _Deadline] = {}  # client connection id -> its deadline
 
     def _settings(self) -> Settings:
@@ -81,11 +77,6 @@ class ClientLimits:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self._disarm(flow.client_conn)
 
-    def http_connected(self, flow: http.HTTPFlow) -> None:
-        request = flow.request
-        self._arm(flow.client_conn, first_request=False,
-                  tunnel=(request.pretty_host, request.port, agent_of(flow)))
-
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         # mitmproxy keeps every relayed WebSocket message on the flow for the connection's
         # life (for its UI); relayed, a message is nobody's business here any more.
@@ -96,12 +87,11 @@ class ClientLimits:
         if flow.request.method != "CONNECT" and flow.websocket is None:
             self._arm(flow.client_conn, first_request=False)  # the next request's head
 
-    def _arm(self, client: connection.Client, *, first_request: bool,
-             tunnel: tuple[str, int, str | None] | None = None) -> None:
+    def _arm(self, client: connection.Client, *, first_request: bool) -> None:
         self._disarm(client)
         timeout = self._settings().header_timeout
         timer = asyncio.get_running_loop().call_later(timeout, self._expire, client, timeout)
-        self._deadlines[client.id] = _Deadline(timer, first_request, tunnel)
+        self._deadlines[client.id] = _Deadline(timer, first_request)
 
     def _disarm(self, client: connection.Client) -> None:
         deadline = self._deadlines.pop(client.id, None)
@@ -112,23 +102,12 @@ class ClientLimits:
         deadline = self._deadlines.pop(client.id, None)
         if deadline is None:
             return
-        protocol = self.tunnel_protocol(client) if deadline.tunnel is not None else None
-        if protocol in ("tls", "tcp"):
-            return  # judged and relayed: nothing more is owed
-        if deadline.tunnel is not None and protocol is None:
-            host, port, agent = deadline.tunnel
-            self.audit.emit("request.decided", client=_client_text(client), scheme="connect",
-                            host=host, port=port, agent=agent, decision="deny",
-                            reason=Reason.TUNNEL_PROTOCOL.value,
-                            detail=f"no complete TLS ClientHello or HTTP request in the tunnel "
-                                   f"within {timeout:g} s (network.header_timeout)")
-        else:
-            self.audit.emit("connection.refused", client=_client_text(client),
-                            reason=Reason.HEADER_TIMEOUT.value,
-                            detail=f"no complete request head within {timeout:g} s "
-                                   "(network.header_timeout)")
-            if deadline.first_request:
-                connections.write(client, plain_response(
-                    408, f"agent-egress closed this connection: no complete request head "
-                         f"within {timeout:g} s.\n"))
+        self.audit.emit("connection.refused", client=_client_text(client),
+                        reason=Reason.HEADER_TIMEOUT.value,
+                        detail=f"no complete request head within {timeout:g} s "
+                               "(network.header_timeout)")
+        if deadline.first_request:
+            connections.write(client, plain_response(
+                408, f"agent-egress closed this connection: no complete request head "
+                     f"within {timeout:g} s.\n"))
         connections.close(client)

@@ -7,25 +7,17 @@ fails closed.
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agent_egress.policy import CompiledPolicy, Decision, InvalidHost, normalize_host
-from agent_egress.policy.hosts import IPAddress
+from agent_egress.policy import CompiledPolicy, InvalidHost, normalize_host
 from mitmproxy import connection, ctx
 from mitmproxy.proxy import server_hooks
 
+from .resolver import Resolution, resolve_upstream
 
-@dataclass(frozen=True, slots=True)
-class Resolution:
-    addresses: tuple[IPAddress, ...] = ()
-    refusal: str | None = None  # why the upstream must not be used
-    dns_failed: bool = False
-    denial: Decision | None = None  # a deny rule covers one of the addresses
+__all__ = ["Pin", "Resolution", "UpstreamPinning"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,32 +54,7 @@ class UpstreamPinning:
 
     async def resolve(self, policy: CompiledPolicy, host: str, port: int) -> Resolution:
         """Addresses for a normalised host (static overrides first), checked against policy."""
-        target = normalize_host(host)
-        if target.ip is not None:
-            addresses: tuple[IPAddress, ...] = (target.ip,)
-        elif (override := policy.resolve_override(target.name)) is not None:
-            addresses = (override,)
-        else:
-            try:
-                infos = await asyncio.wait_for(
-                    asyncio.get_running_loop().getaddrinfo(
-                        target.name, port, type=socket.SOCK_STREAM),
-                    timeout=ctx.options.dns_timeout,
-                )
-            except (TimeoutError, OSError) as exc:
-                why = "timed out" if isinstance(exc, TimeoutError) else str(exc)
-                return Resolution(refusal=f"DNS lookup of {target.name} failed: {why}",
-                                  dns_failed=True)
-            unique = dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0])
-                                   for info in infos)
-            addresses = tuple(unique)
-        if target.ip is None and (
-                denial := policy.address_denial(target.name, port, addresses)) is not None:
-            return Resolution(addresses, denial.detail, denial=denial)
-        refusal = policy.address_refusal(addresses)
-        if refusal:
-            return Resolution(addresses, f"{target.name} resolves to {refusal}")
-        return Resolution(addresses)
+        return await resolve_upstream(policy, host, port, ctx.options.dns_timeout)
 
     def _chain(self, client: connection.Client) -> Iterator[Pin]:
         latest = self._pins.get(client.id)

@@ -8,9 +8,7 @@ new policy.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +19,7 @@ from agent_egress.policy.files import FileTrust, policy_file_trust
 from mitmproxy import ctx
 
 from .auditlog import AuditLog
-from .enforce import Enforcer
+from .enforce import Enforcer, policy_files_signature
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +33,10 @@ class PolicyReload:
         self.enforcer = enforcer
         self.audit = audit
         self._task: asyncio.Task[None] | None = None
-        self._signature: tuple[Any, ...] = ()
         self._loaded_at = _now()
         self._failure: dict[str, Any] | None = None
         self._trust = FileTrust()
+        self._attempted: tuple[Any, ...] | None = None
 
     def load(self, loader: Any) -> None:
         loader.add_option("reload_interval", float, 1.0,
@@ -61,7 +59,6 @@ class PolicyReload:
 
     def running(self) -> None:
         self._trust = self.file_trust()
-        self._signature = self._files_signature()
         self._loaded_at = _now()
         if ctx.options.reload_interval > 0:
             self._task = asyncio.create_task(self._watch())
@@ -70,25 +67,14 @@ class PolicyReload:
         if self._task is not None:
             self._task.cancel()
 
-    @staticmethod
-    def _files_signature() -> tuple[Any, ...]:
-        signature = []
-        for path in (ctx.options.policy_file, ctx.options.managed_policy_file):
-            if not path:
-                continue
-            try:
-                info = os.stat(path)
-                signature.append((path, info.st_ino, info.st_mtime_ns, info.st_size))
-            except OSError:
-                signature.append((path, None))
-        return tuple(signature)
-
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(ctx.options.reload_interval)
-            signature = self._files_signature()
-            if signature != self._signature:
-                self._signature = signature
+            # Compared with what the policy in force was read from, however it was loaded (an
+            # `always` approval reloads it itself): one edit, one reload.
+            current = policy_files_signature()
+            if current not in (self.enforcer.loaded_from, self._attempted):
+                self._attempted = current  # a file that fails is retried once it changes
                 self.reload("file changed")
 
     def reload(self, why: str = "requested") -> bool:
@@ -107,8 +93,6 @@ class PolicyReload:
         self._trust = trust
         self._failure = None
         self._loaded_at = _now()
-        with contextlib.suppress(Exception):
-            self._signature = self._files_signature()
         logger.warning(f"policy reloaded ({why}): {policy.allow_count + policy.deny_count} rules"
                      + (f", {len(policy.problems)} settings not applied" if policy.problems
                         else ""))

@@ -9,6 +9,7 @@ fallbacks (its NextLayer addon, raw TCP, TLS interception) are not part of this 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from agent_egress.policy import (
     Decision,
     InvalidHost,
     Reason,
+    Settings,
     normalize_host,
 )
 from mitmproxy import connection, http
@@ -28,6 +30,7 @@ from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers import modes
 from mitmproxy.proxy.layers.http import HttpStream
 
+from . import connections
 from .auditlog import AuditLog
 from .enforce import decision_fields
 from .identity import agent_of
@@ -48,6 +51,7 @@ class Tunnel:
     bytes_down: int = 0
     protocol: str | None = None  # set once the layer is chosen: tls, http or tcp
     ech: bool = False  # the ClientHello carried an encrypted one (allowed by network.allow_ech)
+    deadline: asyncio.TimerHandle | None = None  # for the first bytes (or the first head)
 
     @property
     def client(self) -> str:
@@ -85,7 +89,7 @@ class CountingPassthrough(layers.TCPLayer):
     __slots__ = ("tunnel", "watch", "judge")
 
     def __init__(self, context: Any, tunnel: Tunnel, watch: HelloRetryWatch | None = None,
-                 judge: Callable[[Sniffed], bool] | None = None) -> None:
+                 judge: Callable[[Sniffed, Tunnel], bool] | None = None) -> None:
         super().__init__(context, ignore=True)
         self.tunnel = tunnel
         self.watch = watch
@@ -112,7 +116,7 @@ class CountingPassthrough(layers.TCPLayer):
         assert self.watch is not None
         if not from_client:
             if not self.watch.server_bytes(event.data):
-                self.watch = None
+                self.watch = self.judge = None  # no second ClientHello can come: idle cost 0
             yield from super().handle_event(event)
             return
         if not self.watch.retry:
@@ -121,8 +125,9 @@ class CountingPassthrough(layers.TCPLayer):
         verdict = self.watch.client_bytes(event.data)
         if verdict is None:
             return  # held until the second ClientHello is complete
-        held, self.watch = self.watch.held(), None
-        if self.judge is not None and not self.judge(verdict):
+        held, judge = self.watch.held(), self.judge
+        self.watch = self.judge = None
+        if judge is not None and not judge(verdict, self.tunnel):
             yield commands.CloseConnection(self.context.client)
             yield commands.CloseConnection(self.context.server)
             return
@@ -161,8 +166,32 @@ class Tunnels:
         pin = self.pinning.tunnel(flow.client_conn)
         if pin is None:
             return  # no decision pinned this tunnel: next_layer will close it
-        self._tunnels[flow.client_conn.id] = Tunnel(
-            flow.client_conn.peername, pin.name, pin.port, agent_of(flow))
+        tunnel = Tunnel(flow.client_conn.peername, pin.name, pin.port, agent_of(flow))
+        self._tunnels[flow.client_conn.id] = tunnel
+        policy = self.policy()
+        timeout = policy.settings.header_timeout if policy else Settings.header_timeout
+        tunnel.deadline = asyncio.get_running_loop().call_later(
+            timeout, self._expire, flow.client_conn, timeout)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # HTTP in a tunnel: its first request head is complete, nothing more is awaited.
+        tunnel = self._tunnels.get(flow.client_conn.id)
+        if tunnel is not None and tunnel.deadline is not None:
+            tunnel.deadline.cancel()
+            tunnel.deadline = None
+
+    def _expire(self, client: connection.Client, timeout: float) -> None:
+        """Nothing complete in the tunnel within header_timeout: it is cut, on the record."""
+        tunnel = self._tunnels.get(client.id)
+        if tunnel is None or tunnel.deadline is None:
+            return
+        tunnel.deadline = None
+        what = ("request head" if tunnel.protocol == "http" else
+                "TLS ClientHello or HTTP request")
+        self._log_refusal(tunnel, self._decision(
+            tunnel, Reason.TUNNEL_PROTOCOL, f"no complete {what} in the tunnel within "
+                                            f"{timeout:g} s (network.header_timeout)"), None)
+        connections.close(client)
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if not is_tunnel_stack(nextlayer.context):
@@ -187,14 +216,14 @@ class Tunnels:
             self._log_refusal(tunnel, refusal, sniffed.sni, audit_mode=True)
         tunnel.protocol = sniffed.protocol
         tunnel.ech = sniffed.ech
+        if sniffed.protocol != "http" and tunnel.deadline is not None:
+            tunnel.deadline.cancel()  # judged, and relayed from now on: nothing is awaited
+            tunnel.deadline = None
         if sniffed.protocol == "http":
             self._replace(nextlayer, self.http_layer(nextlayer.context))
         elif sniffed.protocol == "tls":
-            def judge(second: Sniffed) -> bool:
-                return self._judge_second_hello(second, tunnel)
-
-            self._replace(nextlayer, CountingPassthrough(nextlayer.context, tunnel,
-                                                         HelloRetryWatch(), judge))
+            self._replace(nextlayer, CountingPassthrough(
+                nextlayer.context, tunnel, HelloRetryWatch(), self._judge_second_hello))
         else:
             self._replace(nextlayer, CountingPassthrough(nextlayer.context, tunnel))
 
@@ -272,6 +301,8 @@ class Tunnels:
     def _reject(self, nextlayer: layer.NextLayer, tunnel: Tunnel, decision: Decision,
                 sni: str | None) -> None:
         self._tunnels.pop(nextlayer.context.client.id, None)
+        if tunnel.deadline is not None:
+            tunnel.deadline.cancel()
         self._log_refusal(tunnel, decision, sni)
         self._replace(nextlayer, CloseClient(nextlayer.context))
 
@@ -281,11 +312,6 @@ class Tunnels:
         self.audit.emit("request.decided", client=tunnel.client, scheme="connect", sni=sni,
                         agent=tunnel.agent, **decision_fields(decision), **extra)
 
-    def protocol(self, client: connection.Client) -> str | None:
-        """What this client's tunnel was judged to carry (tls, http, tcp); None before."""
-        tunnel = self._tunnels.get(client.id)
-        return tunnel.protocol if tunnel is not None else None
-
     @property
     def open_count(self) -> int:
         return len(self._tunnels)
@@ -294,6 +320,8 @@ class Tunnels:
         tunnel = self._tunnels.pop(client.id, None)
         if tunnel is None:
             return
+        if tunnel.deadline is not None:
+            tunnel.deadline.cancel()
         self.audit.emit(
             "tunnel.closed", client=tunnel.client, agent=tunnel.agent, host=tunnel.host,
             port=tunnel.port,

@@ -340,14 +340,15 @@ class CompiledPolicy:
     loader (policy.layering); never mutated after.
     """
 
-    __slots__ = ("layers", "settings", "problems", "_allow_layers", "_cache")
+    __slots__ = ("layers", "settings", "problems", "warnings", "_allow_layers", "_cache")
 
     def __init__(self, layers: Sequence[Layer], settings: Settings,
-                 problems: Sequence[object] = ()) -> None:
+                 problems: Sequence[object] = (), warnings: Sequence[str] = ()) -> None:
         self.layers = tuple(layers)
         self.settings = settings
         # Requirement violations that were reported and not applied (errors.Problem).
         self.problems = tuple(problems)
+        self.warnings = tuple(warnings)  # valid but probably not meant (a shadowed rule)
         managed_only = settings.managed_allowed_domains_only and len(self.layers) > 1
         self._allow_layers = self.layers[:1] if managed_only else self.layers
         self._cache: dict[tuple[str, int], Decision] = {}
@@ -497,5 +498,5 @@ class CompiledPolicy:
         for address in addresses:
             reason = non_public_reason(address)
             if reason and not in_networks(address, self.settings.allowed_cidrs):
-                return f"{address} is {reason}"
+                return f"{address}, which is {reason}"
         return None

@@ -106,7 +106,18 @@ def compile_layers(user: ParsedFile, managed: ParsedFile | None,
         user_raw_tcp = _bounded_user_rules(user_raw_tcp, managed, managed_layer, violations)
     settings = _effective_settings(user, managed, resolve, violations)
     layers.append(Layer.build("user", user.source, user_allow, user_rules.deny, user_raw_tcp))
-    return CompiledPolicy(layers, settings, violations.messages)
+    return CompiledPolicy(layers, settings, violations.messages, _shadowed_allows(layers))
+
+
+def _shadowed_allows(layers: list[Layer]) -> list[str]:
+    """Allow rules a deny rule fully covers: they never apply (deny wins), say so."""
+    warnings = []
+    for layer in layers:
+        for rule in layer.allow_rules:
+            if any(other.deny.covers(rule.pattern) for other in layers):
+                warnings.append(f"{rule.origin}: allow rule {rule.text!r} is also denied by a "
+                                "deny rule, and deny wins: it never applies")
+    return warnings
 
 
 def _bounded_user_rules(rules: list[Rule], managed: ParsedFile, managed_layer: Layer,

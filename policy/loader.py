@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .engine import CompiledPolicy
-from .errors import InvalidHost, PolicyError, Problem
+from .errors import InvalidHost, InvalidPattern, PolicyError, Problem
 from .hosts import normalize_host
 from .layering import ParsedFile, compile_layers
 from .model import ApprovalSettings, NetworkSettings, PolicyFile, Requirements
@@ -79,7 +79,9 @@ def parse_policy_text(text: str, source: str) -> ParsedFile:
         model = PolicyFile.model_validate(data)
     except ValidationError as exc:
         problems = [_problem(error, text) for error in exc.errors()]
-        raise PolicyError(source, problems) from None
+        # Every problem at once: the rule patterns too, which only compiling would reach.
+        problems += _pattern_problems(data, text)
+        raise PolicyError(source, sorted(problems, key=lambda p: p.line or 0)) from None
     problems = []
     for host in model.resolve:
         try:
@@ -90,6 +92,30 @@ def parse_policy_text(text: str, source: str) -> ParsedFile:
     if problems:
         raise PolicyError(source, problems)
     return ParsedFile(model, source, text)
+
+
+def _pattern_problems(data: dict[str, Any], text: str) -> list[Problem]:
+    """Pattern errors in a file whose schema is broken elsewhere (the same checks as the
+    compiler's, on whatever lists of strings are there)."""
+    from .patterns import parse_pattern
+
+    network = data.get("network")
+    if not isinstance(network, dict):
+        return []
+    problems = []
+    for key in ("allow", "deny", "raw_tcp"):
+        patterns = network.get(key)
+        if not isinstance(patterns, list):
+            continue
+        for index, pattern in enumerate(patterns):
+            if not isinstance(pattern, str):
+                continue
+            try:
+                parse_pattern(pattern, allow_any=key == "allow")
+            except InvalidPattern as exc:
+                problems.append(Problem(str(exc), key=f"network.{key}[{index}]",
+                                        line=locate(text, ("network", key, index), pattern)))
+    return problems
 
 
 def cli_resolve(items: Sequence[str]) -> dict[str, Any]:

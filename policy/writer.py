@@ -7,6 +7,7 @@ agent could have planted in its place.
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 
 import tomlkit
@@ -38,6 +39,16 @@ def add_rule_to_text(text: str, action: Action, pattern: str) -> str:
     return tomlkit.dumps(document)
 
 
+def created_policy_text() -> str:
+    """The built-in policy as a new user policy file: its header says whose file it is now."""
+    body = builtin_policy_text()
+    body = body[body.index("version = 1"):]
+    return (f"# agent-egress user policy: created {date.today().isoformat()} by an `always` "
+            "approval, from the built-in\n# default policy. The proxy now reads this file "
+            "instead of the built-in one; edit it freely\n# (see docs/policy.md). `always` "
+            "approvals add their rules here.\n" + body)
+
+
 def rule_pattern(host: str, port: int | None) -> str:
     """The pattern for exactly this destination: an IPv6 address with a port in brackets, or
     `2001:db8::1:8443` would name another address on no port at all."""
@@ -64,7 +75,7 @@ def add_rule_to_file(path: Path, action: Action, pattern: str, *,
                 "the user policy file is gone; nothing was written and the policy loaded "
                 "before stays in force; restore the file (or restart the proxy), then decide "
                 "again")]) from None
-        text, mode = builtin_policy_text(), 0o644
+        text, mode = created_policy_text(), 0o644
     except UnsafePath as exc:
         raise PolicyError(str(path), [Problem(f"{exc}; nothing was written")]) from None
     parse_policy(text, str(path))  # the file as it is must load, or nothing is added to it

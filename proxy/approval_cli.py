@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .approval_client import ApprovalClient, find_socket
+from .approval_client import ApprovalClient, ApprovalClientError, find_socket
 from .paths import default_socket_path
 from .textsafe import host_display, printable, shortened
 from .watch_screen import WatchScreen
@@ -33,7 +33,11 @@ def add_socket_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(commands: Any) -> None:
-    pending = commands.add_parser("pending", help="list requests waiting for approval")
+    pending = commands.add_parser(
+        "pending", help="list requests waiting for approval",
+        description="List the requests the proxy holds for a person's approval: id, "
+                    "destination, what was asked (CONNECT or method and path), client, agent, "
+                    "and the time left before they are denied. Decide with approve or deny.")
     pending.add_argument("--json", action="store_true", help="machine-readable output")
     add_socket_option(pending)
     for name, verb in (("approve", "allow"), ("deny", "deny")):
@@ -47,7 +51,12 @@ def add_parsers(commands: Any) -> None:
                             help="once: the requests waiting now; session: until the proxy "
                                  "stops; always: also written to the user policy file")
         add_socket_option(decide)
-    watch = commands.add_parser("watch", help="answer approvals interactively as they arrive")
+    watch = commands.add_parser(
+        "watch", help="answer approvals interactively as they arrive",
+        description="Show held requests one at a time as they arrive and answer each with one "
+                    "key: o (allow once), s (for the session), a (always: written to the user "
+                    "policy), d (deny), k (skip), q (quit). Without a terminal, lists what "
+                    "waits and exits.")
     add_socket_option(watch)
 
 
@@ -86,11 +95,24 @@ def cmd_pending(args: argparse.Namespace) -> int:
 def cmd_decide(args: argparse.Namespace) -> int:
     decision = "allow" if args.command == "approve" else "deny"
     with ApprovalClient(_socket(args)) as client:
-        result = client.request("decide", target=args.target, decision=decision,
-                                scope=args.scope)
+        try:
+            result = client.request("decide", target=args.target, decision=decision,
+                                    scope=args.scope)
+        except ApprovalClientError as exc:
+            if exc.code != "unknown_id":
+                raise
+            print(f"agent-egress: {printable(exc)}", file=sys.stderr)
+            waiting = client.request("list")["pending"]
+            for item in waiting:
+                print(f"  {describe(item)}", file=sys.stderr)
+            if not waiting:
+                print("  (no requests are waiting for approval)", file=sys.stderr)
+            return 1
     target = host_display(result["host"], result.get("port") or None)
     print(f"{decision} {target} ({result['scope']}): released {result['released']} "
-          f"waiting request{'s' if result['released'] != 1 else ''}")
+          f"waiting request{'s' if result['released'] != 1 else ''}"
+          + (f"; rule written to {printable(result['written'])}" if result.get("written")
+             else ""))
     return 0
 
 

@@ -17,6 +17,10 @@ PROTOCOL_VERSION = 1
 class ApprovalClientError(Exception):
     """The proxy could not be asked, or refused; the message says what to do."""
 
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code  # the proxy's error code, when it refused
+
 
 class ApprovalClient:
     def __init__(self, path: Path, timeout: float | None = 10.0) -> None:
@@ -69,7 +73,8 @@ class ApprovalClient:
         message = json.loads(line)
         if message.get("ok") is False:
             error = message.get("error", {})
-            raise ApprovalClientError(error.get("message", "request refused"))
+            raise ApprovalClientError(error.get("message", "request refused"),
+                                      error.get("code"))
         return message
 
     def request(self, op: str, **fields: Any) -> dict[str, Any]:

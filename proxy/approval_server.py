@@ -15,12 +15,13 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from agent_egress.addons.approvals import ApprovalError, Approvals
 from agent_egress.addons.auditlog import AuditLog
+from agent_egress.policy import InvalidHost
 
 from .approval_socket import (
     Identity,
@@ -76,15 +77,27 @@ class ApprovalServer:
     def __init__(self, approvals: Approvals, audit: AuditLog, path: Path,
                  approver_uids: Iterable[int] = (),
                  status: Callable[[], dict[str, Any]] | None = None,
-                 agent_uid: int | None = None) -> None:
+                 agent_uid: int | None = None,
+                 explain: Callable[[str], Awaitable[dict[str, Any]]] | None = None) -> None:
         self.approvals = approvals
         self.status = status
         self.audit = audit
         self.path = path
         self.approver_uids = {os.getuid(), 0, *approver_uids}
         self.agent_uid = agent_uid
+        self.explain = explain
         self._server: asyncio.Server | None = None
         self._identity: Identity | None = None
+
+    async def _explain(self, target: object) -> dict[str, Any]:
+        if not isinstance(target, str):
+            return _error("bad_request", "explain needs a string field target (HOST[:PORT])")
+        if self.explain is None:
+            return _error("unsupported", "this proxy cannot explain decisions")
+        try:
+            return _reply(explanation=await self.explain(target))
+        except InvalidHost as exc:
+            return _error("bad_target", str(exc))
 
     def full_status(self) -> dict[str, Any]:
         """The proxy's status (policy, reloads, file warnings) and who may approve."""
@@ -135,7 +148,7 @@ class ApprovalServer:
                 if not line:
                     break
                 try:
-                    response, subscribe = self._handle(line, uid)
+                    response, subscribe = await self._handle(line, uid)
                 except Exception as exc:  # a bug must not take the socket down with it
                     logger.exception("approval request failed")
                     response, subscribe = _error("internal", f"internal error: {exc!r}"), False
@@ -176,7 +189,7 @@ class ApprovalServer:
         writer.write(json.dumps(message).encode() + b"\n")
         await writer.drain()
 
-    def _handle(self, line: bytes, uid: int) -> tuple[dict[str, Any], bool]:
+    async def _handle(self, line: bytes, uid: int) -> tuple[dict[str, Any], bool]:
         try:
             request = json.loads(line)
         except ValueError as exc:
@@ -191,6 +204,8 @@ class ApprovalServer:
             return _reply(pong=True), False
         if op == "status":
             return _reply(status=self.full_status()), False
+        if op == "explain":
+            return await self._explain(request.get("target")), False
         if op == "list":
             return _reply(pending=self.approvals.snapshot()), False
         if op == "subscribe":
@@ -206,5 +221,5 @@ class ApprovalServer:
             except ApprovalError as exc:
                 return _error(exc.code, str(exc)), False
             return _reply(**result), False
-        return _error("unknown_op",
-                      f"unknown op {op!r}; valid: ping, status, list, subscribe, decide"), False
+        return _error("unknown_op", f"unknown op {op!r}; valid: ping, status, list, subscribe, "
+                                    "decide, explain"), False

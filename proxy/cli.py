@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import socket
 import sys
 from collections.abc import Sequence
 from importlib.metadata import version
@@ -11,14 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent_egress.policy import (
-    Action,
+    BUILTIN,
     CompiledPolicy,
     InvalidHost,
     PolicyError,
     load_policy,
-    non_public_reason,
-    normalize_host,
-    split_host_port,
 )
 from agent_egress.policy.files import DEFAULT_MANAGED_PATH, policy_file_trust
 from agent_egress.policy.loader import read_policy_file
@@ -116,11 +115,25 @@ def _parser() -> argparse.ArgumentParser:
     explain_cmd = policy_commands.add_parser(
         "explain", help="show the decision for a destination and why",
         description="Show the decision for HOST[:PORT] (port 443 when omitted), the rule that "
-                    "matched and why, without starting a proxy. Exit status: 0 allowed, "
-                    "1 denied or needs approval, 2 bad input.")
+                    "matched and why, with the policy files serve would use, and the addresses "
+                    "the name resolves to and their check, as the proxy does. Exit status: "
+                    "0 allowed, 1 denied or needs approval, 2 bad input.")
     explain_cmd.add_argument("target", metavar="HOST[:PORT]")
-    explain_cmd.add_argument("--config", metavar="FILE", help="policy file (default: built-in)")
-    explain_cmd.add_argument("--managed", metavar="FILE", help="managed policy file")
+    explain_cmd.add_argument("--config", metavar="FILE",
+                             help="user policy (default: as serve picks it: "
+                                  "$XDG_CONFIG_HOME/agent-egress/policy.toml if present, else "
+                                  "built-in)")
+    explain_cmd.add_argument("--managed", metavar="FILE",
+                             help=f"managed policy (default: {DEFAULT_MANAGED_PATH} if present)")
+    explain_cmd.add_argument("--no-resolve", action="store_true",
+                             help="skip the DNS lookup (by default explain resolves the name "
+                                  "like the proxy and checks the addresses)")
+    explain_cmd.add_argument("--dns-timeout", metavar="SECONDS", type=float, default=5.0,
+                             help="timeout of the lookup (default 5)")
+    explain_cmd.add_argument("--running", action="store_true",
+                             help="ask the running proxy instead (its policy, its session and "
+                                  "always approvals)")
+    approval_cli.add_socket_option(explain_cmd)
     explain_cmd.add_argument("--resolve", metavar="HOST=ADDR", action="append", default=[],
                              help="check the host as if it resolved to ADDR (repeatable)")
     explain_cmd.add_argument("--json", action="store_true", help="machine-readable output")
@@ -154,56 +167,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     policy = _load(args.file, ())
     counts = f"{policy.allow_count} allow, {policy.deny_count} deny rules"
     print(f"{printable(args.file)}: OK ({counts}, default {policy.settings.default.value})")
+    for warning in policy.warnings:
+        print(f"  warning: {printable(warning)}")
     return EXIT_OK
 
 
-def explain_target(policy: CompiledPolicy, target: str) -> dict[str, object]:
-    """Everything `policy explain` reports, as data."""
-    host_text, port = split_host_port(target, default_port=443)
-    assert port is not None
-    decision = policy.decide(host_text, port)
-    result: dict[str, object] = {
-        "target": target,
-        "host": decision.host,
-        "port": port,
-        "decision": decision.action.value,
-        "reason": decision.reason.value,
-        "explanation": decision.explanation,
-        "rule": decision.rule.text if decision.rule else None,
-        "rule_origin": decision.rule.origin if decision.rule else None,
-        "layer": decision.layer or None,
-        "policy": policy.source,
-        "layers": [
-            {"layer": layer.name, "source": layer.source,
-             "deny": deny.text if deny else None, "allow": allow.text if allow else None}
-            for layer, deny, allow in policy.layer_verdicts(host_text, port)
-        ],
-    }
-    if decision.action is Action.DENY and decision.layer == "managed":
-        overridden = [v for v in result["layers"] if v["layer"] == "user" and v["allow"]]
-        if overridden:
-            result["explanation"] = (f"{decision.explanation}; the user allow rule "
-                                     f"{overridden[0]['allow']!r} cannot override it")
-    try:
-        host = normalize_host(host_text)
-    except InvalidHost:
-        return result
-    address = host.ip if host.ip is not None else policy.resolve_override(host.name)
-    if address is not None:
-        result["address"] = str(address)
-        result["address_class"] = non_public_reason(address) or "public"
-        refusal = policy.address_refusal([address])
-        if refusal and decision.action is Action.ALLOW:
-            result.update(decision="deny", reason="private_address",
-                          explanation=f"{host.name} resolves to {refusal}")
-        result["address_refused"] = refusal
-    return result
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
-    policy = _load(args.config, args.resolve, _managed(args))
+    from .explain import explain
+
     try:
-        result = explain_target(policy, args.target)
+        if args.running:
+            with ApprovalClient(find_socket(args.approval_socket), timeout=15) as client:
+                result = client.request("explain", target=args.target)["explanation"]
+        else:
+            config, managed = _config(args), _managed(args)
+            policy = _load(config, args.resolve, managed)
+            result = asyncio.run(explain(policy, args.target, resolve=not args.no_resolve,
+                                         dns_timeout=args.dns_timeout,
+                                         files={"user": config or BUILTIN,
+                                                "managed": managed}))
     except InvalidHost as exc:
         print(f"agent-egress: {printable_lines(exc)}", file=sys.stderr)
         return EXIT_USAGE
@@ -230,9 +212,14 @@ def _print_explanation(result: dict[str, Any]) -> None:
             print(f"    {printable(verdict['layer']):<8} {printable(said)}  "
                   f"({printable(verdict['source'])})")
     if result.get("address"):
+        others = len(result.get("addresses") or ()) - 1
         print(f"  address: {printable(result['address'])} "
-              f"({printable(result['address_class'])})")
-    print(f"  policy: {printable(result['policy'])}")
+              f"({printable(result['address_class'])})"
+              + (f" and {others} more" if others > 0 else ""))
+    files = result.get("files") or {}
+    print(f"  policy: {printable(files.get('user') or result['policy'])}"
+          + (f" under managed {printable(files['managed'])}" if files.get("managed") else "")
+          + ("  (the running proxy's)" if result.get("running") else ""))
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -262,6 +249,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             for layer in policy.layers for rule in (*layer.deny_rules, *layer.allow_rules)
         ],
         "not_applied": list(policy.problems),
+        "warnings": list(policy.warnings),
         "running": _running_status(args),
     }
     if args.json:
@@ -289,6 +277,8 @@ def _print_policy(data: dict[str, Any]) -> None:
         print("not applied:")
         for problem in data["not_applied"]:
             print(f"  {printable(problem)}")
+    for warning in data["warnings"]:
+        print(f"warning: {printable(warning)}")
 
 
 def _print_running(running: dict[str, Any]) -> None:
@@ -362,13 +352,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why serve could not listen there, said in our words (mitmproxy's own message points
+    at its --mode flag); bound the way mitmproxy binds, with SO_REUSEADDR."""
+    if port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            return (f"cannot listen on {shown}: {exc.strerror or exc}; is another proxy "
+                    "running there? Choose another address with --listen HOST:PORT (port 0 "
+                    "picks a free one)")
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
+    host, port = args.listen
+    if problem := _listen_problem(host, port):
+        print(f"agent-egress: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     refusal, telemetry = _serve_preflight(args)
     if refusal is not None:
         return refusal
-    host, port = args.listen
     return serve(listen_host=host, listen_port=port, policy_file=_config(args),
                  managed_file=_managed(args), telemetry=telemetry,
                  audit_log=args.audit_log, resolve=args.resolve,
@@ -387,7 +398,7 @@ def _serve_preflight(args: argparse.Namespace) -> tuple[int | None, Telemetry | 
 
     config, managed = _config(args), _managed(args)
     policy = _load(config, args.resolve, managed)  # a bad file never starts a proxy
-    for problem in policy.problems:
+    for problem in (*policy.problems, *policy.warnings):
         print(f"agent-egress: warning: {printable(problem)}", file=sys.stderr)
     trust = policy_file_trust(Path(config) if config else None,
                               Path(managed) if managed else None,
@@ -412,8 +423,21 @@ def _serve_preflight(args: argparse.Namespace) -> tuple[int | None, Telemetry | 
     return None, Telemetry(telemetry_settings)
 
 
+def _chosen(parser: argparse.ArgumentParser,
+            args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser the arguments selected, for errors with its own usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            return _chosen(chosen, args) if chosen is not None else parser
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said with the subcommand's usage, not the top-level one
+        _chosen(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     handler = {"serve": cmd_serve, "pending": approval_cli.cmd_pending,
                "approve": approval_cli.cmd_decide, "deny": approval_cli.cmd_decide,
                "watch": approval_cli.cmd_watch, "report": cmd_report, "env": launch.cmd_env,

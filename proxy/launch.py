@@ -302,5 +302,10 @@ def add_parsers(commands: argparse._SubParsersAction, socket_option) -> None:  #
                      help="listen address for the started proxy (default: a free port)")
     socket_option(run)
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
-    health = commands.add_parser("health", help="check that the proxy is up (exit 0) or not")
+    health = commands.add_parser(
+        "health", help="check that the proxy is up (exit 0) or not",
+        description="Ask the running proxy over its approval socket: exit 0 with its listen "
+                    "address, policy, mode, pending approvals, whether approvals are separated "
+                    "from the agent and any warning about its policy files; exit 1 when no "
+                    "proxy answers. For container probes, GET /healthz on the proxy port.")
     socket_option(health)

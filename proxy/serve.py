@@ -22,7 +22,7 @@ from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.proxyport import ProxyPort
 from agent_egress.addons.reload import PolicyReload
 from agent_egress.addons.tunnels import Tunnels
-from agent_egress.policy import CompiledPolicy
+from agent_egress.policy import BUILTIN, CompiledPolicy
 from mitmproxy import ctx, exceptions, options
 
 from .approval_server import ApprovalServer, SocketSetupError
@@ -94,13 +94,29 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
 
             audit.add_sink(TelemetrySink(telemetry, lambda: tunnels.open_count,
                                          lambda: len(approvals.pending)).on_event)
+        async def explain_running(target: str) -> dict[str, Any]:
+            """`policy explain --running`: this proxy's policy and session approvals."""
+            from .explain import explain
+
+            def session(host: str, port: int) -> tuple[str, str, str] | None:
+                verdict = approvals.session_verdict(host, port)
+                return (verdict.action.value, verdict.scope, verdict.actor) if verdict else None
+
+            assert enforcer.policy is not None
+            result = await explain(
+                enforcer.policy, target, dns_timeout=ctx.options.dns_timeout, session=session,
+                files={"user": ctx.options.policy_file or BUILTIN,
+                       "managed": ctx.options.managed_policy_file or None})
+            return {**result, "running": True}
+
         server = ApprovalServer(approvals, audit, socket_path, approver_uids,
-                                status=reloader.status, agent_uid=agent_uid)
+                                status=reloader.status, agent_uid=agent_uid,
+                                explain=explain_running)
         # Order matters: identity and ClientLimits (a complete head stops its deadline, before
         # a request may be held) before the enforcer; FailClosed last, to refuse what nothing
         # decided.
         proxy.addons.add(audit, pinning, approvals, Health(), AgentIdentity(policy, audit),
-                          ClientLimits(audit, policy, tunnels.protocol), enforcer, port, tunnels,
+                          ClientLimits(audit, policy), enforcer, port, tunnels,
                           reloader, Announce(socket_path, server.full_status), FailClosed(audit))
         try:
             opts.update(

@@ -30,16 +30,16 @@ def assert_clean(result: subprocess.CompletedProcess) -> None:
 
 def test_explain_shows_a_hostile_target_escaped_and_json_exact() -> None:
     target = "evil\x1b[2J\u202e.test"
-    result = run("policy", "explain", target)
+    result = run("policy", "explain", "--no-resolve", target)
     assert result.returncode == 1
     assert_clean(result)
     assert result.stdout.startswith("evil\\x1b[2J\\u202e.test:443  DENY\n")
-    data = json.loads(run("policy", "explain", target, "--json").stdout)
+    data = json.loads(run("policy", "explain", "--no-resolve", target, "--json").stdout)
     assert data["host"] == target and data["target"] == target
 
 
 def test_explain_shows_an_idn_beside_its_unicode_form() -> None:
-    result = run("policy", "explain", "xn--80ak6aa92e.com")
+    result = run("policy", "explain", "--no-resolve", "xn--80ak6aa92e.com")
     assert result.stdout.startswith("xn--80ak6aa92e.com:443 (аррӏе.com)  ASK\n")
 
 

@@ -122,7 +122,7 @@ def test_name_resolving_to_private_address_is_refused(tls_origin, plain_origin, 
         assert "< HTTP/1.1 403" in result.stderr
         assert "< Proxy-Status: agent-egress; error=destination_ip_prohibited" in result.stderr
         plain = curl(client_env, process, f"http://allowed.test:{plain_origin.port}/hello", "-i")
-        assert "resolves to 127.0.0.1 is loopback" in plain.stdout
+        assert "resolves to 127.0.0.1, which is loopback" in plain.stdout
         assert (tls_origin.connections, plain_origin.connections) == before
         event = process.wait_for_event(lambda e: e.get("reason") == "private_address")
         assert event["decision"] == "deny" and event["rule"] == "allowed.test"

@@ -61,7 +61,8 @@ def test_user_allow_cannot_override_managed_deny(tmp_path, tls_origin, plain_ori
     finally:
         process.stop()
     policies = tmp_path / "policies"
-    explained = run_cli("policy", "explain", f"x.evil.test:{plain_origin.port}", "--config",
+    explained = run_cli("policy", "explain",
+                        "--no-resolve", f"x.evil.test:{plain_origin.port}", "--config",
                         str(policies / "user.toml"), "--managed", str(policies / "managed.toml"),
                         *owner_args())
     assert explained.returncode == 1

@@ -134,10 +134,13 @@ def egress_policy(ports: list[int], extra_rules: int = 0, default: str = "ask") 
     return (f'version = 1\npresets = ["package-registries", "github", "docs"]\n'
             f'[network]\ndefault = "{default}"\nallow = [\n  "localhost",\n{rules}\n]\n'
             f"ports = {ports}\nallowed_cidrs = [\"127.0.0.0/8\", \"::1/128\"]\n"
-            "[approvals]\ntimeout = 600\n")
+            # The load generator is one local client: the per-client bounds are lifted for it.
+            "max_connections_per_client = 8192\n"
+            "[approvals]\ntimeout = 600\nmax_pending = 1000\nmax_pending_per_agent = 1000\n")
 
 
-def start_proxies(workdir: Path, ports: list[int], names: set[str]) -> list[Proxy]:
+def start_proxies(workdir: Path, ports: list[int], names: set[str],
+                  baseline: str | None = None) -> list[Proxy]:
     python = sys.executable
     bin_dir = Path(python).parent
     proxies = [Proxy("direct", None, None, workdir)]
@@ -147,16 +150,22 @@ def start_proxies(workdir: Path, ports: list[int], names: set[str]) -> list[Prox
             str(bin_dir / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port",
             str(port), "--set", "connection_strategy=lazy", "--set", "stream_large_bodies=1m",
             "--ignore-hosts", ".*"], port, workdir))
-    for label, rules in (("agent-egress", 0), ("agent-egress 100k", 100_000)):
+    builds = [("agent-egress", 0, python), ("agent-egress 100k", 100_000, python)]
+    if baseline:  # another checkout's interpreter: the same figures, measured side by side
+        builds.append(("agent-egress baseline", 0, baseline))
+        names = names | {"agent-egress baseline"}
+    for label, rules, python in builds:
         if label not in names:
             continue
         port = free_port()
-        policy = workdir / f"policy-{rules}.toml"
+        policy = workdir / f"policy-{label.replace(' ', '-')}.toml"
         policy.write_text(egress_policy(ports, rules))
         proxies.append(Proxy(label, [
             python, "-m", "agent_egress.proxy", "serve", "--listen", f"127.0.0.1:{port}",
-            "--config", str(policy), "--audit-log", str(workdir / f"audit-{rules}.jsonl"),
-            "--approval-socket", str(workdir / f"s{rules}" / "a.sock")], port, workdir,
+            "--config", str(policy),
+            "--audit-log", str(workdir / f"audit-{label.replace(' ', '-')}.jsonl"),
+            "--approval-socket", str(workdir / f"s-{label.replace(' ', '-')}" / "a.sock")],
+            port, workdir,
             env={"XDG_CONFIG_HOME": str(workdir), "XDG_STATE_HOME": str(workdir)}))
     if "squid" in names and shutil.which("squid"):
         port = free_port()
@@ -376,6 +385,9 @@ def main() -> None:
     parser.add_argument("--only", default="direct,mitmdump,agent-egress,agent-egress 100k,"
                                           "squid,tinyproxy",
                         help="comma-separated setups to measure (default: all)")
+    parser.add_argument("--baseline", metavar="PYTHON",
+                        help="also measure the agent-egress installed for this interpreter "
+                             "(another checkout's venv), as 'agent-egress baseline'")
     args = parser.parse_args()
     raise_fd_limit()
     workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
@@ -391,7 +403,7 @@ def main() -> None:
                               stdout=subprocess.PIPE, text=True, preexec_fn=raise_fd_limit)
     assert origin.stdout is not None and origin.stdout.readline().strip() == "ready"
     names = set(args.only.split(","))
-    proxies = start_proxies(workdir, [80, 443, plain_port, tls_port], names)
+    proxies = start_proxies(workdir, [80, 443, plain_port, tls_port], names, args.baseline)
     try:
         # Memory first, on fresh processes: after the load rounds the heap's high-water mark
         # would hide what idle tunnels and held approvals cost.

@@ -1,0 +1,92 @@
+"""What the proxy decides for a destination, and why: `policy explain`, here or in the proxy.
+
+The same steps as the proxy: the rules (each layer's verdict), then for an allowed destination
+the addresses it resolves to (the proxy's own lookup, static overrides first) and their check.
+Run inside the proxy (`policy explain --running`), it also sees its session approvals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from agent_egress.addons.resolver import resolve_upstream
+from agent_egress.policy import (
+    Action,
+    CompiledPolicy,
+    InvalidHost,
+    non_public_reason,
+    normalize_host,
+    split_host_port,
+)
+
+# (host, port) -> (decision, scope, actor) of a session approval, or None
+SessionLookup = Callable[[str, int], tuple[str, str, str] | None]
+
+
+async def explain(policy: CompiledPolicy, target: str, *, resolve: bool = True,
+                  dns_timeout: float = 5.0, session: SessionLookup | None = None,
+                  files: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """Everything `policy explain` reports, as data (raises InvalidHost for a bad target)."""
+    host_text, port = split_host_port(target, default_port=443)
+    assert port is not None
+    decision = policy.decide(host_text, port)
+    result: dict[str, Any] = {
+        "target": target,
+        "host": decision.host,
+        "port": port,
+        "decision": decision.action.value,
+        "reason": decision.reason.value,
+        "explanation": decision.explanation,
+        "rule": decision.rule.text if decision.rule else None,
+        "rule_origin": decision.rule.origin if decision.rule else None,
+        "layer": decision.layer or None,
+        "policy": policy.source,
+        "files": files or {"user": policy.source, "managed": _managed_source(policy)},
+        "layers": [
+            {"layer": layer.name, "source": layer.source,
+             "deny": deny.text if deny else None, "allow": allow.text if allow else None}
+            for layer, deny, allow in policy.layer_verdicts(host_text, port)
+        ],
+    }
+    if decision.action is Action.DENY and decision.layer == "managed":
+        overridden = [v for v in result["layers"] if v["layer"] == "user" and v["allow"]]
+        if overridden:
+            result["explanation"] = (f"{decision.explanation}; the user allow rule "
+                                     f"{overridden[0]['allow']!r} cannot override it")
+    if decision.action is Action.ASK and session is not None and (
+            verdict := session(decision.host, port)) is not None:
+        action, scope, actor = verdict
+        result.update(decision=action, reason="approved" if action == "allow" else
+                      "denied_by_approver",
+                      explanation=f"{'approved' if action == 'allow' else 'denied'} by {actor} "
+                                  f"for the {scope} (a person's decision, not a rule)")
+    try:
+        host = normalize_host(host_text)
+    except InvalidHost:
+        return result
+    # An IP literal or a static override is reported whatever the decision; DNS is asked only
+    # where the proxy would ask it (an allowed or held destination), and only when wanted.
+    static = host.ip is not None or policy.resolve_override(host.name) is not None
+    if not static and (result["decision"] == "deny" or not resolve):
+        return result
+    resolution = await resolve_upstream(policy, host.name, port, dns_timeout)
+    if resolution.addresses:
+        result["addresses"] = [str(a) for a in resolution.addresses]
+        result["address"] = result["addresses"][0]
+        result["address_class"] = non_public_reason(resolution.addresses[0]) or "public"
+    result["address_refused"] = resolution.refusal
+    if resolution.refusal and result["decision"] == "allow":
+        reason = ("denylist" if resolution.denial is not None else
+                  "dns_error" if resolution.dns_failed else "private_address")
+        result.update(decision="deny", reason=reason, explanation=resolution.refusal)
+        if resolution.denial is not None and resolution.denial.rule is not None:
+            result.update(rule=resolution.denial.rule.text,
+                          rule_origin=resolution.denial.rule.origin,
+                          layer=resolution.denial.layer)
+    return result
+
+
+def _managed_source(policy: CompiledPolicy) -> str | None:
+    managed = [layer.source for layer in policy.layers if layer.name == "managed"]
+    return managed[0] if managed else None
