@@ -1,4 +1,5 @@
-"""What may be spoken to the proxy's own port: HTTP/1 with bounded request heads, nothing else.
+"""What may be spoken to the proxy's own port: HTTP/1 with bounded request heads (and its own
+`GET /healthz`), nothing else.
 
 mitmproxy's NextLayer addon would negotiate TLS (and HTTP/2) on the listening port with a CA it
 writes under ~/.mitmproxy, and its HTTP/1 server buffers request heads without limit. This addon
@@ -9,11 +10,12 @@ closes any layer stack it does not know rather than guess.
 
 from __future__ import annotations
 
+import json
 import weakref
 from typing import Any
 
 from agent_egress.policy import Reason
-from mitmproxy import connection, http
+from mitmproxy import connection, ctx, http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers import modes
@@ -146,6 +148,18 @@ class ProxyPort:
             nextlayer.layer = CloseClient(context)
             return
         nextlayer.layer = self.http_layer(context, HTTPMode.regular)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """`GET /healthz` sent to the proxy itself (not proxied): for container probes."""
+        request = flow.request
+        if request.path != "/healthz" or request.method != "GET" or flow.response is not None:
+            return
+        listening = {address[1] for address in
+                     ctx.master.addons.get("proxyserver").listen_addrs()}
+        if request.port not in listening or flow.client_conn.tls_established:
+            return
+        flow.response = http.Response.make(200, json.dumps({"status": "ok"}),
+                                           {"Content-Type": "application/json"})
 
     def http_layer(self, context: Any, mode: HTTPMode = HTTPMode.transparent) -> layer.Layer:
         """mitmproxy's HTTP layer, with our guarded HTTP/1 server for the client side."""

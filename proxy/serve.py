@@ -15,7 +15,6 @@ from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog, default_audit_log_path
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.addons.failclosed import FailClosed
-from agent_egress.addons.health import Health
 from agent_egress.addons.identity import AgentIdentity
 from agent_egress.addons.limits import ClientLimits
 from agent_egress.addons.pinning import UpstreamPinning
@@ -68,6 +67,9 @@ class Announce:
         print("Set these in the agent's environment:", flush=True)
         for line in proxy_env_lines(url):
             print(f"  {line}", flush=True)
+        # Said once: every addon in the chain is visited on every hook of every connection,
+        # so this one leaves it (after the chain has finished calling `running`).
+        asyncio.get_running_loop().call_soon(ctx.master.addons.remove, self)
 
 
 def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
@@ -115,8 +117,8 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         # Order matters: identity and ClientLimits (a complete head stops its deadline, before
         # a request may be held) before the enforcer; FailClosed last, to refuse what nothing
         # decided.
-        proxy.addons.add(audit, pinning, approvals, Health(), AgentIdentity(policy, audit),
-                          ClientLimits(audit, policy), enforcer, port, tunnels,
+        proxy.addons.add(audit, pinning, approvals, port, AgentIdentity(policy, audit),
+                          ClientLimits(audit, policy), enforcer, tunnels,
                           reloader, Announce(socket_path, server.full_status), FailClosed(audit))
         try:
             opts.update(
