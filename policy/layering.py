@@ -12,23 +12,12 @@ from typing import Any, NamedTuple
 
 from .engine import Action, CompiledPolicy, Layer, Rule, Settings
 from .errors import InvalidPattern, PolicyError, Problem
-from .model import PolicyFile
+from .hosts import normalize_host
 from .patterns import parse_pattern
 from .presets import presets
+from .source import ParsedFile, locate
 
 _STRICTNESS = {"allow": 0, "ask": 1, "deny": 2}
-
-
-class ParsedFile(NamedTuple):
-    """A policy file that validated: its model, where it came from, and its text."""
-
-    model: PolicyFile
-    source: str
-    text: str
-
-    def explicitly_set(self, table: str, key: str) -> bool:
-        section = getattr(self.model, table) if table else self.model
-        return key in section.model_fields_set
 
 
 class _Violations:
@@ -38,8 +27,6 @@ class _Violations:
         self.messages: list[str] = []
 
     def add(self, key: str, message: str, requirement: str | None = None) -> None:
-        from .loader import locate
-
         line = locate(self.user.text, tuple(key.split("."))) if self.user.text else None
         where = f" (requirement {requirement} in {self.managed.source})" if (
             requirement and self.managed) else (
@@ -50,8 +37,6 @@ class _Violations:
 
 def _rules(parsed: ParsedFile, layer: str, action: Action, problems: list[Problem],
            list_name: str = "") -> list[Rule]:
-    from .loader import locate
-
     network = parsed.model.network
     key = list_name or action.value
     patterns = getattr(network, key)
@@ -278,6 +263,4 @@ def _limits(user: ParsedFile, managed: ParsedFile | None,
 
 
 def _file_resolve(parsed: ParsedFile) -> dict[str, Any]:
-    from .hosts import normalize_host
-
     return {normalize_host(host).name: address for host, address in parsed.model.resolve.items()}

@@ -17,13 +17,13 @@ from pydantic import BaseModel, ValidationError
 from .engine import CompiledPolicy
 from .errors import InvalidHost, InvalidPattern, PolicyError, Problem
 from .hosts import normalize_host
-from .layering import ParsedFile, compile_layers
+from .layering import compile_layers
 from .model import ApprovalSettings, NetworkSettings, PolicyFile, Requirements
+from .patterns import parse_pattern
+from .source import ParsedFile, locate
 
 BUILTIN = "<built-in default policy>"
 _TOML_POSITION = re.compile(r"\(at line (\d+), column (\d+)\)")
-_HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
-_KEY = re.compile(r"""^\s*(?:"([^"]+)"|'([^']+)'|([A-Za-z0-9_.-]+))\s*=""")
 
 
 def default_user_policy_path() -> Path:
@@ -97,8 +97,6 @@ def parse_policy_text(text: str, source: str) -> ParsedFile:
 def _pattern_problems(data: dict[str, Any], text: str) -> list[Problem]:
     """Pattern errors in a file whose schema is broken elsewhere (the same checks as the
     compiler's, on whatever lists of strings are there)."""
-    from .patterns import parse_pattern
-
     network = data.get("network")
     if not isinstance(network, dict):
         return []
@@ -163,29 +161,3 @@ def _problem(error: dict[str, Any], text: str) -> Problem:
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
     return {(): PolicyFile, ("network",): NetworkSettings, ("approvals",): ApprovalSettings,
             ("requirements",): Requirements}.get(loc, PolicyFile)
-
-
-def locate(text: str, loc: tuple[Any, ...], value: str | None = None) -> int | None:
-    """Best-effort line number of a key (and list item) in TOML text; None when unsure."""
-    names = [part for part in loc if not isinstance(part, int)]
-    table, found = "", None
-    for number, line in enumerate(text.splitlines(), start=1):
-        header = _HEADER.match(line)
-        if header:
-            table = header.group(1).replace(" ", "")
-            if table == ".".join(names):
-                found = number
-            continue
-        key = _KEY.match(line)
-        if key:
-            name = next(group for group in key.groups() if group)
-            full = f"{table}.{name}" if table else name
-            if full == ".".join(names):
-                found = number
-                break
-    if found and value is not None and any(isinstance(part, int) for part in loc):
-        quoted = (f'"{value}"', f"'{value}'")
-        for number, line in enumerate(text.splitlines()[found - 1:], start=found):
-            if any(q in line for q in quoted):
-                return number
-    return found
