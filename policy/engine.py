@@ -279,6 +279,18 @@ class RuleIndex:
 
 
 @dataclass(frozen=True)
+class TelemetryPolicy:
+    """What the policy files say about OTLP export, layered (managed keys over user keys);
+    unset fields fall back to the OTEL_* environment where the export is set up."""
+
+    enabled: bool | None = None  # None: neither file says (a managed value is final)
+    endpoint: str | None = None
+    protocol: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    resource_attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Settings:
     """The effective non-rule settings, after layering."""
 
@@ -295,6 +307,7 @@ class Settings:
     managed_allowed_domains_only: bool = False
     telemetry_required: bool = False
     protected_file: bool = False  # refuse a user policy file others can change
+    telemetry: TelemetryPolicy = field(default_factory=TelemetryPolicy)
     identity: tuple[tuple[IPNetwork, str], ...] = ()  # most specific network first
     header_timeout: float = 30.0  # seconds a client may take to send a request head
     max_connections_per_client: int = 256

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from .engine import Action, CompiledPolicy, Layer, Rule, Settings
+from .engine import Action, CompiledPolicy, Layer, Rule, Settings, TelemetryPolicy
 from .errors import InvalidPattern, PolicyError, Problem
 from .hosts import normalize_host
 from .patterns import parse_pattern
@@ -149,7 +149,7 @@ def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
             allow_ech=net.allow_ech, allowed_cidrs=tuple(net.allowed_cidrs),
             resolve={**_file_resolve(user), **resolve},
             approval_timeout=user.model.approvals.timeout, mode=user.model.mode,
-            **_limits(user, None, violations),
+            telemetry=_telemetry(user, None), **_limits(user, None, violations),
         )
     m_net = managed.model.network
     req = managed.model.requirements
@@ -237,8 +237,26 @@ def _effective_settings(user: ParsedFile, managed: ParsedFile | None,
         managed_allowed_domains_only=bool(req and req.managed_allowed_domains_only),
         telemetry_required=bool(req and req.telemetry_required),
         protected_file=bool(req and req.protected_file),
-        **_limits(user, managed, violations),
+        telemetry=_telemetry(user, managed), **_limits(user, managed, violations),
     )
+
+
+def _telemetry(user: ParsedFile, managed: ParsedFile | None) -> TelemetryPolicy:
+    """[telemetry] from both files: a key either file writes, the managed file's first; the
+    header and resource-attribute tables merged, managed entries over user ones."""
+    tables = [f.model.telemetry for f in (managed, user) if f is not None]
+
+    def pick(key: str) -> Any:
+        return next((getattr(t, key) for t in tables if key in t.model_fields_set), None)
+
+    headers: dict[str, str] = {}
+    attributes: dict[str, str] = {}
+    for table in reversed(tables):
+        headers.update(table.headers)
+        attributes.update(table.resource_attributes)
+    return TelemetryPolicy(
+        enabled=pick("enabled"), endpoint=pick("endpoint"), protocol=pick("protocol"),
+        headers=headers, resource_attributes=attributes)
 
 
 _LIMITS = (("network", "header_timeout"), ("network", "max_connections_per_client"),

@@ -20,7 +20,6 @@ from agent_egress.policy import (
     load_policy,
 )
 from agent_egress.policy.files import DEFAULT_MANAGED_PATH, policy_file_trust
-from agent_egress.policy.loader import read_policy_file
 from agent_egress.policy.presets import presets
 
 from . import approval_cli, launch
@@ -409,10 +408,8 @@ def _serve_preflight(args: argparse.Namespace) -> tuple[int | None, Telemetry | 
     if trust.refusals:
         return EXIT_USAGE, None
     try:
-        telemetry_settings = telemetry_config(
-            read_policy_file(config) if config else None,
-            read_policy_file(managed) if managed else None,
-            policy.settings.telemetry_required)
+        telemetry_settings = telemetry_config(policy.settings.telemetry,
+                                              policy.settings.telemetry_required)
     except TelemetryConfigError as exc:
         print(f"agent-egress: {exc}", file=sys.stderr)
         return EXIT_USAGE, None

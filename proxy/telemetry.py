@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
-from agent_egress.policy.layering import ParsedFile
+from agent_egress.policy.engine import TelemetryPolicy
 
 # The SDK, its exporters and requests are imported where a Telemetry is built: a proxy with
 # export off never loads them (several MiB of resident memory it would carry for nothing).
@@ -42,23 +42,14 @@ def _env_headers() -> dict[str, str]:
                                   liberal=True))
 
 
-def telemetry_config(user: ParsedFile | None, managed: ParsedFile | None,
-                     required: bool) -> TelemetryConfig:
-    """Merge: managed [telemetry] keys > user [telemetry] keys > environment."""
-    tables = [f.model.telemetry for f in (managed, user) if f is not None]
-
-    def pick(key: str, default: Any) -> Any:
-        for table in tables:
-            if key in table.model_fields_set:
-                return getattr(table, key)
-        return default
-
-    endpoint = pick("endpoint", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
-    protocol = pick("protocol", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"))
+def telemetry_config(files: TelemetryPolicy, required: bool) -> TelemetryConfig:
+    """The export's settings: what the policy files say (already layered), else the
+    environment. A managed `enabled` and `telemetry_required` are final."""
+    endpoint = files.endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    protocol = files.protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
     env_disabled = os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
-    enabled = pick("enabled", bool(endpoint) and not env_disabled)
-    if managed is not None and "enabled" in managed.model.telemetry.model_fields_set:
-        enabled = managed.model.telemetry.enabled  # the administrator's word is final
+    enabled = files.enabled if files.enabled is not None else bool(endpoint) and not (
+        env_disabled)
     if required:
         enabled = True  # a user (or OTEL_SDK_DISABLED) cannot turn it off
         if not endpoint:
@@ -66,16 +57,12 @@ def telemetry_config(user: ParsedFile | None, managed: ParsedFile | None,
                 "the managed policy requires telemetry (telemetry_required) but no OTLP "
                 "endpoint is configured: set OTEL_EXPORTER_OTLP_ENDPOINT or "
                 "[telemetry] endpoint")
-    headers = {**_env_headers()}
-    for table in reversed(tables):
-        headers.update(table.headers)
-    attributes: dict[str, str] = {}
-    for table in reversed(tables):
-        attributes.update(table.resource_attributes)
     if protocol not in ("http/protobuf", "grpc"):
         raise TelemetryConfigError(f"OTLP protocol {protocol!r} is not supported; use "
                                    "http/protobuf or grpc")
-    return TelemetryConfig(bool(enabled), endpoint, protocol, headers, attributes, required)
+    return TelemetryConfig(bool(enabled), endpoint, protocol,
+                           {**_env_headers(), **files.headers},
+                           dict(files.resource_attributes), required)
 
 
 def counting_batch_processor(exporter: Any, on_drop: Any, **kwargs: Any) -> Any:

@@ -221,3 +221,16 @@ def test_layer_verdicts_for_explain() -> None:
     verdicts = {layer.name: (deny and deny.text, allow and allow.text)
                 for layer, deny, allow in policy.layer_verdicts("evil.com", 443)}
     assert verdicts == {"managed": ("evil.com", None), "user": (None, "evil.com")}
+
+
+def test_telemetry_tables_are_layered_like_every_other_key() -> None:
+    policy = layered('[telemetry]\nendpoint = "http://admin:4318"\nenabled = false\n'
+                     '[telemetry.headers]\nx-org = "admin"\n',
+                     '[telemetry]\nendpoint = "http://mine:4318"\nenabled = true\n'
+                     'protocol = "grpc"\n[telemetry.headers]\nx-org = "me"\nx-user = "me"\n')
+    telemetry = policy.settings.telemetry
+    assert (telemetry.endpoint, telemetry.enabled, telemetry.protocol) == (
+        "http://admin:4318", False, "grpc")  # managed keys first; the user fills the rest
+    assert dict(telemetry.headers) == {"x-org": "admin", "x-user": "me"}
+    alone = layered(None, '[telemetry]\nendpoint = "http://mine:4318"\n').settings.telemetry
+    assert alone.endpoint == "http://mine:4318" and alone.enabled is None
