@@ -36,6 +36,7 @@ from mitmproxy.connection import ConnectionState
 
 from . import connections
 from .auditlog import AuditLog
+from .events import client_text
 
 SCOPES = ("once", "session", "always")
 _PENDING_ID = re.compile(r"[0-9a-f]{8}")
@@ -185,13 +186,12 @@ class Approvals:
         request = flow.request
         is_connect = request.method == "CONNECT"
         if pending is None:
-            peer = flow.client_conn.peername
             pending = Pending(
                 id=secrets.token_hex(4), host=decision.host, port=decision.port,
                 scheme="connect" if is_connect else request.scheme,
                 method=None if is_connect else request.method,
                 path=None if is_connect else request.path.split("?", 1)[0],
-                client=f"{peer[0]}:{peer[1]}" if peer else "", agent=agent,
+                client=client_text(flow.client_conn) or "", agent=agent,
                 owners=_owners(flow, agent), opened=time.time(),
                 deadline=loop.time() + timeout,
             )

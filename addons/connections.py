@@ -15,6 +15,18 @@ from typing import Any
 from mitmproxy import connection, ctx
 
 
+def address_text(peer: tuple[Any, ...] | None) -> str | None:
+    """`ip:port` for a socket address, `[ip]:port` for IPv6; None without one."""
+    if not peer:
+        return None
+    host = str(peer[0])
+    return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+
+
+def client_text(client: connection.Client) -> str | None:
+    return address_text(client.peername)
+
+
 def client_key(client: connection.Client) -> str:
     """Which client a connection counts against for per-client limits: its address, with all
     of loopback as one (a local agent can bind any of 127.0.0.0/8 and ::1)."""

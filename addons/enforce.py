@@ -29,7 +29,8 @@ from mitmproxy import ctx, exceptions, http
 
 from .approvals import Approvals, Verdict
 from .auditlog import AuditLog
-from .identity import agent_claimed, agent_of
+from .events import decision_fields, request_fields
+from .identity import agent_of
 from .pinning import Pin, UpstreamPinning
 
 logger = logging.getLogger(__name__)
@@ -46,19 +47,6 @@ _PROXY_STATUS_ERROR = {
     Reason.PRIVATE_ADDRESS: "destination_ip_prohibited",
     Reason.DNS_ERROR: "dns_error",
 }
-
-
-def decision_fields(decision: Decision) -> dict[str, Any]:
-    return {
-        "host": decision.host,
-        "port": decision.port,
-        "decision": "allow" if decision.allowed else "deny",
-        "reason": decision.reason.value,
-        "rule": decision.rule.text if decision.rule else None,
-        "rule_origin": decision.rule.origin if decision.rule else None,
-        "layer": decision.layer or None,
-        "detail": decision.detail or None,
-    }
 
 
 DECIDED = "agent_egress_decided"  # flow metadata: the policy let this request through
@@ -117,21 +105,6 @@ def _quoted_header_text(text: str) -> str:
     ascii_text = text.encode("ascii", "backslashreplace").decode("ascii")
     printable = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in ascii_text)
     return printable.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def _request_fields(flow: http.HTTPFlow) -> dict[str, Any]:
-    request = flow.request
-    client = flow.client_conn.peername
-    return {
-        "client": f"{client[0]}:{client[1]}" if client else None,
-        "scheme": "connect" if request.method == "CONNECT" else request.scheme,
-        "method": None if request.method == "CONNECT" else request.method,
-        # Query strings can carry credentials: only the path is recorded.
-        "path": None if request.method == "CONNECT" else request.path.split("?", 1)[0],
-        "websocket": True if request.headers.get("upgrade", "").lower() == "websocket" else None,
-        "agent": agent_of(flow),
-        "agent_claimed": agent_claimed(flow),
-    }
 
 
 def _verdict_decision(held: Decision, verdict: Verdict, timeout: float) -> Decision:
@@ -261,7 +234,7 @@ class Enforcer:
             reason, detail = Reason.INVALID_REQUEST, str(flow.error.msg if flow.error else "")
         host = tunnel.name if tunnel is not None else request.pretty_host
         port = tunnel.port if tunnel is not None else request.port
-        self.audit.emit("request.decided", **_request_fields(flow),
+        self.audit.emit("request.decided", **request_fields(flow),
                         **decision_fields(Decision(Action.DENY, reason, host, port,
                                                    detail=detail)))
 
@@ -355,7 +328,7 @@ class Enforcer:
         verdict = self.approvals.session_verdict(held.host, held.port) or self.approvals.admit(
             flow, held, agent_of(flow), settings.max_pending, settings.max_pending_per_agent)
         if verdict is None:
-            self.audit.emit("request.decided", **_request_fields(flow),
+            self.audit.emit("request.decided", **request_fields(flow),
                             **{**decision_fields(held), "decision": "held"})
             timeout = self.policy.settings.approval_timeout
             verdict = await self.approvals.hold(flow, held, timeout, agent=agent_of(flow))
@@ -409,7 +382,7 @@ class Enforcer:
                 flow.metadata[DECIDED] = True
             return
         flow.metadata[DECIDED] = True
-        self.audit.emit("request.decided", **_request_fields(flow), **decision_fields(decision),
+        self.audit.emit("request.decided", **request_fields(flow), **decision_fields(decision),
                         address=address, **_verdict_fields(verdict))
 
     @property
@@ -424,7 +397,7 @@ class Enforcer:
             fields.update(mode="audit", enforced=False)
             if decision.action is Action.ASK:
                 fields["decision"] = "held"
-        self.audit.emit("request.decided", **_request_fields(flow), **fields,
+        self.audit.emit("request.decided", **request_fields(flow), **fields,
                         **_verdict_fields(verdict))
         flow.response = blocked_response(decision)
         request = flow.request

@@ -12,6 +12,7 @@ from mitmproxy import http
 
 from .auditlog import AuditLog
 from .enforce import DECIDED, blocked_response
+from .events import client_text
 
 
 class FailClosed:
@@ -28,10 +29,9 @@ class FailClosed:
         if flow.response is not None or flow.error is not None or flow.metadata.get(DECIDED):
             return
         request = flow.request
-        peer = flow.client_conn.peername
         decision = Decision(Action.DENY, Reason.INTERNAL_ERROR, request.pretty_host,
                             request.port, detail="no policy decision was made for this request")
-        self.audit.emit("request.decided", client=f"{peer[0]}:{peer[1]}" if peer else None,
+        self.audit.emit("request.decided", client=client_text(flow.client_conn),
                         scheme="connect" if request.method == "CONNECT" else request.scheme,
                         host=decision.host, port=decision.port, decision="deny",
                         reason=decision.reason.value, detail=decision.detail)

@@ -18,6 +18,7 @@ from agent_egress.policy.model import AGENT_NAME, AGENT_NAME_RULE
 from mitmproxy import connection, http
 
 from .auditlog import AuditLog
+from .connections import client_text
 
 logger = logging.getLogger(__name__)
 METADATA_KEY = "agent_egress_agent"
@@ -103,11 +104,10 @@ class AgentIdentity:
 
     def _refuse(self, flow: http.HTTPFlow, claimed: str,
                 reason: Reason = Reason.INVALID_AGENT) -> None:
-        peer = flow.client_conn.peername
         request = flow.request
         detail = (f"agent names use {AGENT_NAME_RULE}" if reason is Reason.INVALID_AGENT
                   else "internal error while naming the agent; the request was refused")
-        self.audit.emit("request.decided", client=f"{peer[0]}:{peer[1]}" if peer else None,
+        self.audit.emit("request.decided", client=client_text(flow.client_conn),
                         scheme="connect" if request.method == "CONNECT" else request.scheme,
                         host=request.pretty_host[:300], port=request.port, decision="deny",
                         reason=reason.value, agent_claimed=claimed[:128] or None, detail=detail)

@@ -17,12 +17,8 @@ from mitmproxy import connection, http
 
 from . import connections
 from .auditlog import AuditLog
+from .events import client_text
 from .proxyport import plain_response
-
-
-def _client_text(client: connection.Client) -> str | None:
-    peer = client.peername
-    return f"{peer[0]}:{peer[1]}" if peer else None
 
 
 class _Deadline:
@@ -58,7 +54,7 @@ class ClientLimits:
             connections.write(client, plain_response(
                 429, f"agent-egress refused this connection: {detail}.\n"))
             client.error = f"agent-egress: {detail}"  # mitmproxy closes it
-            self.audit.emit("connection.refused", client=_client_text(client),
+            self.audit.emit("connection.refused", client=client_text(client),
                             reason=Reason.TOO_MANY_CONNECTIONS.value, detail=detail)
             return
         self._arm(client, first_request=True)
@@ -102,7 +98,7 @@ class ClientLimits:
         deadline = self._deadlines.pop(client.id, None)
         if deadline is None:
             return
-        self.audit.emit("connection.refused", client=_client_text(client),
+        self.audit.emit("connection.refused", client=client_text(client),
                         reason=Reason.HEADER_TIMEOUT.value,
                         detail=f"no complete request head within {timeout:g} s "
                                "(network.header_timeout)")

@@ -23,16 +23,12 @@ from mitmproxy.proxy.layers.http import HTTPMode, ReceiveHttp, RequestData, Requ
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 
 from .auditlog import AuditLog
+from .events import client_text
 from .tunnels import CloseClient, is_tunnel_stack
 
 MAX_REQUEST_HEAD = 64 * 1024
 MAX_REQUEST_HEADERS = 200
 MAX_FRAMING_LINE = 16 * 1024
-
-
-def _client_text(client: connection.Client) -> str | None:
-    peer = client.peername
-    return f"{peer[0]}:{peer[1]}" if peer else None
 
 
 def plain_response(status: int, text: str) -> bytes:
@@ -176,11 +172,11 @@ class ProxyPort:
 
     def invalid_request(self, client: connection.Client, detail: str) -> None:
         """A request mitmproxy's parser refused with a 400: a decision too, on the record."""
-        self.audit.emit("request.decided", client=_client_text(client), decision="deny",
+        self.audit.emit("request.decided", client=client_text(client), decision="deny",
                         reason=Reason.INVALID_REQUEST.value, detail=detail[:1000])
 
     def refused(self, client: connection.Client, reason: Reason, detail: str) -> None:
-        self.audit.emit("connection.refused", client=_client_text(client), reason=reason.value,
+        self.audit.emit("connection.refused", client=client_text(client), reason=reason.value,
                         detail=detail)
 
 

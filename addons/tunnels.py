@@ -32,7 +32,7 @@ from mitmproxy.proxy.layers.http import HttpStream
 
 from . import connections
 from .auditlog import AuditLog
-from .enforce import decision_fields
+from .events import address_text, client_text, decision_fields
 from .identity import agent_of
 from .pinning import UpstreamPinning
 from .sniff import HelloRetryWatch, Sniffed, sniff
@@ -54,13 +54,8 @@ class Tunnel:
     deadline: asyncio.TimerHandle | None = None  # for the first bytes (or the first head)
 
     @property
-    def client(self) -> str:
-        return f"{self.peer[0]}:{self.peer[1]}" if self.peer else ""
-
-
-def _client_text(client: connection.Client) -> str | None:
-    peer = client.peername
-    return f"{peer[0]}:{peer[1]}" if peer else None
+    def client(self) -> str | None:
+        return address_text(self.peer)
 
 
 class _EventQueue(list):
@@ -200,7 +195,7 @@ class Tunnels:
         if tunnel is None or tunnel.protocol is not None:
             # Bytes in a tunnel no policy decision pinned: never relayed (fail closed).
             self._replace(nextlayer, CloseClient(nextlayer.context))
-            self.audit.emit("request.decided", client=_client_text(nextlayer.context.client),
+            self.audit.emit("request.decided", client=client_text(nextlayer.context.client),
                             scheme="connect", decision="deny", reason=Reason.INTERNAL_ERROR,
                             detail="tunnel without a pinned policy decision")
             return

@@ -1,0 +1,42 @@
+"""The fields every event shares, shaped in one place: who (client, agent), what was asked,
+and what was decided. Addresses are `ip:port`, an IPv6 one as `[ip]:port`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent_egress.policy import Decision
+from mitmproxy import http
+
+from .connections import address_text, client_text
+from .identity import agent_claimed, agent_of
+
+__all__ = ["address_text", "client_text", "decision_fields", "request_fields"]
+
+
+def decision_fields(decision: Decision) -> dict[str, Any]:
+    return {
+        "host": decision.host,
+        "port": decision.port,
+        "decision": "allow" if decision.allowed else "deny",
+        "reason": decision.reason.value,
+        "rule": decision.rule.text if decision.rule else None,
+        "rule_origin": decision.rule.origin if decision.rule else None,
+        "layer": decision.layer or None,
+        "detail": decision.detail or None,
+    }
+
+
+def request_fields(flow: http.HTTPFlow) -> dict[str, Any]:
+    """Who asked for what: never the query string (it can carry credentials)."""
+    request = flow.request
+    connect = request.method == "CONNECT"
+    return {
+        "client": client_text(flow.client_conn),
+        "scheme": "connect" if connect else request.scheme,
+        "method": None if connect else request.method,
+        "path": None if connect else request.path.split("?", 1)[0],
+        "websocket": True if request.headers.get("upgrade", "").lower() == "websocket" else None,
+        "agent": agent_of(flow),
+        "agent_claimed": agent_claimed(flow),
+    }
