@@ -115,19 +115,21 @@ def _owners(flow: http.HTTPFlow, agent: str | None) -> tuple[str, ...]:
 class Approvals:
     """Pending approvals, session decisions, and the subscribers watching them."""
 
-    def __init__(self, audit: AuditLog) -> None:
+    def __init__(self, audit: AuditLog,
+                 write_rule: Callable[[Action, str, int | None], str] | None = None,
+                 reload_policy: Callable[[], object] | None = None) -> None:
+        """``write_rule`` writes an `always` decision to the user policy file (its path);
+        ``reload_policy`` then loads it. Without them, `always` is refused."""
         self.audit = audit
+        self.write_rule = write_rule
+        self.reload_policy = reload_policy
         self.pending: dict[tuple[str, int], Pending] = {}
         self._by_id: dict[str, Pending] = {}
         self._session: dict[str, dict[int | None, Verdict]] = {}  # host -> port|None -> verdict
         self._per_owner: Counter[str] = Counter()
         self._subscribers: set[Callable[[dict[str, Any]], None]] = set()
         self._watcher: asyncio.Task[None] | None = None
-        # Set by the enforcer: writes an `always` decision to the user policy file, and the
-        # scopes the (managed) policy lets approvers use.
-        self.persist: Callable[[Action, str, int | None], str] | None = None
-        self.allowed_scopes: frozenset[str] = frozenset(SCOPES)
-        self._deciding: set[str] = set()  # pending ids an `always` write is about to decide
+        self.allowed_scopes: frozenset[str] = frozenset(SCOPES)  # learnt from each policy
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -305,18 +307,17 @@ class Approvals:
         if not matches and scope == "once":
             raise ApprovalError("not_found", f"nothing is waiting for {target}; "
                                 "use --scope session or always to decide ahead of a request")
+        # In a straight order: write the rule (nothing is decided if that fails), release the
+        # requests held for it, then load the policy with the rule (whose reload releases
+        # other held requests it now covers).
+        written = None
         if scope == "always":
-            if self.persist is None:
+            if self.write_rule is None or self.reload_policy is None:
                 raise ApprovalError("unsupported", "this proxy cannot write its policy file")
-            self._deciding = {pending.id for pending in matches}
             try:
-                written = self.persist(action, host, port)
+                written = self.write_rule(action, host, port)
             except PolicyError as exc:
                 raise ApprovalError("write_failed", f"{exc}; nothing was decided") from None
-            finally:
-                self._deciding = set()
-        else:
-            written = None
         released = 0
         ids = []
         for pending in matches or [None]:
@@ -334,13 +335,20 @@ class Approvals:
                 released += self._close(pending, verdict, decision)
         result = {"host": host, "port": port, "decision": decision, "scope": scope,
                   "ids": ids, "released": released}
-        return {**result, "written": written} if written else result
+        if written is None:
+            return result
+        try:
+            assert self.reload_policy is not None
+            self.reload_policy()
+        except PolicyError as exc:  # written and decided; the reload's failure is reported
+            result["reload_failed"] = str(exc)
+        return {**result, "written": written}
 
     def policy_changed(self, policy: CompiledPolicy) -> None:
-        """After a reload: requests the new policy decides by rule are re-decided by it."""
+        """After a (re)load: the scopes approvers may use, and requests the new policy decides
+        by rule are released to be re-decided by it."""
+        self.allowed_scopes = policy.settings.approval_scopes
         for pending in list(self.pending.values()):
-            if pending.id in self._deciding:
-                continue
             if policy.decide(pending.host, pending.port).action is not Action.ASK:
                 self.audit.emit("approval.decided", approval_id=pending.id, host=pending.host,
                                 port=pending.port, scope="reload", actor="policy",

@@ -44,7 +44,8 @@ def client_key(client: connection.Client) -> str:
 
 def handler_of(client: connection.Client) -> Any:
     """mitmproxy's connection handler for this client, if it is still connected."""
-    return ctx.master.addons.get("proxyserver").connections.get(client.id)
+    server = ctx.master.addons.get("proxyserver")
+    return server.connections.get(client.id) if server is not None else None
 
 
 def _io(client: connection.Client) -> Any:

@@ -162,9 +162,9 @@ class Enforcer:
         self.pinning = pinning
         self.approvals = approvals
         self.discard_body = discard_body  # a refused request's body is read and dropped
-        approvals.persist = self.persist_rule
         self.policy: CompiledPolicy | None = None
         self.loaded_from: tuple[Any, ...] = ()  # the policy files' signature when read
+        self._written: str | None = None  # the user policy file write_rule last wrote
 
     def load(self, loader: Any) -> None:
         loader.add_option("policy_file", str, "",
@@ -189,7 +189,6 @@ class Enforcer:
                              managed=ctx.options.managed_policy_file or None)
         self.policy = policy
         self.loaded_from = signature
-        self.approvals.allowed_scopes = policy.settings.approval_scopes
         self.audit.emit("policy.loaded", policy=ctx.options.policy_file or "built-in",
                         managed=ctx.options.managed_policy_file or None,
                         mode=policy.settings.mode, rules=policy.allow_count + policy.deny_count,
@@ -197,8 +196,9 @@ class Enforcer:
         self.approvals.policy_changed(policy)
         return policy
 
-    def persist_rule(self, action: Action, host: str, port: int | None) -> str:
-        """Write an `always` decision to the user policy file and start using it; the path."""
+    def write_rule(self, action: Action, host: str, port: int | None) -> str:
+        """Write an `always` decision to the user policy file; its path (PolicyError if it
+        cannot be written). `load_written` then starts using it."""
         from agent_egress.policy.writer import add_rule_to_file, rule_pattern  # tomlkit
 
         assert self.policy is not None
@@ -206,11 +206,16 @@ class Enforcer:
         in_ports = port is None or port in self.policy.settings.ports
         add_rule_to_file(path, action, rule_pattern(host, None if in_ports else port),
                          may_create=not ctx.options.policy_file)
-        if ctx.options.policy_file != str(path):
-            ctx.options.update(policy_file=str(path))
+        self._written = str(path)
+        return str(path)
+
+    def load_written(self) -> None:
+        """Load the user policy file `write_rule` wrote (the first one turns a built-in policy
+        into a user file: the option changes, which reloads)."""
+        if self._written and ctx.options.policy_file != self._written:
+            ctx.options.update(policy_file=self._written)
         else:
             self.reload()
-        return str(path)
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:

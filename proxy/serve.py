@@ -82,7 +82,9 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         proxy = lean_master(opts)
         audit = AuditLog()
         pinning = UpstreamPinning()
-        approvals = Approvals(audit)
+        # `always` decisions are written and loaded by the enforcer, created just below.
+        approvals = Approvals(audit, write_rule=lambda *rule: enforcer.write_rule(*rule),
+                              reload_policy=lambda: enforcer.load_written())
         port = ProxyPort(audit)
         enforcer = Enforcer(audit, pinning, approvals, discard_body=port.discard_body)
         reloader = PolicyReload(enforcer, audit)
