@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent_egress.policy import (
+    SCOPES,
     Action,
     CompiledPolicy,
     Decision,
@@ -38,7 +39,6 @@ from . import connections
 from .auditlog import AuditLog
 from .events import client_text
 
-SCOPES = ("once", "session", "always")
 _PENDING_ID = re.compile(r"[0-9a-f]{8}")
 _CLIENT_CHECK_INTERVAL = 0.25
 

@@ -11,10 +11,12 @@ from .loader import (
     load_policy,
     parse_policy,
 )
+from .model import SCOPES
 from .patterns import Kind, Pattern, parse_pattern
 
 __all__ = [
     "BUILTIN",
+    "SCOPES",
     "Action",
     "CompiledPolicy",
     "Decision",

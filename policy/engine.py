@@ -18,6 +18,7 @@ from typing import NamedTuple
 from .addresses import embedded_ipv4, in_networks, non_public_reason
 from .errors import InvalidHost
 from .hosts import MAX_HOST_TEXT, Host, IPAddress, normalize_host
+from .model import SCOPES
 from .patterns import Kind, Pattern
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -303,7 +304,7 @@ class Settings:
     resolve: Mapping[str, IPAddress] = field(default_factory=dict)
     approval_timeout: float = 120.0
     mode: str = "enforce"  # "enforce" | "audit"
-    approval_scopes: frozenset[str] = frozenset({"once", "session", "always"})
+    approval_scopes: frozenset[str] = frozenset(SCOPES)
     managed_allowed_domains_only: bool = False
     telemetry_required: bool = False
     protected_file: bool = False  # refuse a user policy file others can change

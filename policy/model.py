@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
 
@@ -42,6 +42,7 @@ IPNetworkValue = Annotated[IPv4Network | IPv6Network, PlainValidator(_network)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Mode = Literal["enforce", "audit"]
 Scope = Literal["once", "session", "always"]
+SCOPES: tuple[str, ...] = get_args(Scope)  # the approval scopes, in order of reach
 DefaultAction = Literal["allow", "deny", "ask"]
 
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from agent_egress.policy import SCOPES
+
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
 from .paths import default_socket_path
 from .textsafe import host_display, printable, shortened
@@ -40,6 +42,7 @@ def add_parsers(commands: Any) -> None:
                     "and the time left before they are denied. Decide with approve or deny.")
     pending.add_argument("--json", action="store_true", help="machine-readable output")
     add_socket_option(pending)
+    pending.set_defaults(handler=cmd_pending)
     for name, verb in (("approve", "allow"), ("deny", "deny")):
         decide = commands.add_parser(
             name, help=f"{verb} a waiting request (by id) or a destination (HOST[:PORT])",
@@ -47,10 +50,11 @@ def add_parsers(commands: Any) -> None:
                         "HOST[:PORT]. With --scope session or always this also decides ahead "
                         "of requests that have not arrived yet (e.g. a client's retry).")
         decide.add_argument("target", metavar="ID|HOST[:PORT]")
-        decide.add_argument("--scope", choices=("once", "session", "always"), default="once",
+        decide.add_argument("--scope", choices=SCOPES, default="once",
                             help="once: the requests waiting now; session: until the proxy "
                                  "stops; always: also written to the user policy file")
         add_socket_option(decide)
+        decide.set_defaults(handler=cmd_decide, decision=verb)
     watch = commands.add_parser(
         "watch", help="answer approvals interactively as they arrive",
         description="Show held requests one at a time as they arrive and answer each with one "
@@ -58,6 +62,7 @@ def add_parsers(commands: Any) -> None:
                     "policy), d (deny), k (skip), q (quit). Without a terminal, lists what "
                     "waits and exits.")
     add_socket_option(watch)
+    watch.set_defaults(handler=cmd_watch)
 
 
 def _socket(args: argparse.Namespace) -> Path:
@@ -93,7 +98,7 @@ def cmd_pending(args: argparse.Namespace) -> int:
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
-    decision = "allow" if args.command == "approve" else "deny"
+    decision = args.decision
     with ApprovalClient(_socket(args)) as client:
         try:
             result = client.request("decide", target=args.target, decision=decision,

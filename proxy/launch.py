@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
 from .paths import managed_policy_file, run_socket_path, user_policy_file
 from .textsafe import printable
@@ -263,7 +264,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(commands: argparse._SubParsersAction, socket_option) -> None:  # type: ignore[type-arg]
+def add_parsers(commands: Any) -> None:
     env = commands.add_parser(
         "env", help="print the environment an agent process needs",
         description="Print HTTP_PROXY, HTTPS_PROXY, ALL_PROXY (and lower-case twins) and an "
@@ -276,7 +277,8 @@ def add_parsers(commands: argparse._SubParsersAction, socket_option) -> None:  #
     env.add_argument("--ca-file", metavar="FILE",
                      help="also set the CA bundle variables common tools read (for policies "
                           "that intercept TLS)")
-    socket_option(env)
+    add_socket_option(env)
+    env.set_defaults(handler=cmd_env)
     env.add_argument("--no-check", action="store_true",
                      help="print the variables even when no proxy answers at the address "
                           "(default: say so on stderr and exit 1)")
@@ -300,7 +302,8 @@ def add_parsers(commands: argparse._SubParsersAction, socket_option) -> None:  #
     run.add_argument("--audit-log", metavar="FILE", help="audit log for the started proxy")
     run.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:0",
                      help="listen address for the started proxy (default: a free port)")
-    socket_option(run)
+    add_socket_option(run)
+    run.set_defaults(handler=cmd_run)
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     health = commands.add_parser(
         "health", help="check that the proxy is up (exit 0) or not",
@@ -308,4 +311,5 @@ def add_parsers(commands: argparse._SubParsersAction, socket_option) -> None:  #
                     "address, policy, mode, pending approvals, whether approvals are separated "
                     "from the agent and any warning about its policy files; exit 1 when no "
                     "proxy answers. For container probes, GET /healthz on the proxy port.")
-    socket_option(health)
+    add_socket_option(health)
+    health.set_defaults(handler=cmd_health)

@@ -1,0 +1,135 @@
+"""`agent-egress serve`: the checks before a proxy may start, then the proxy (serve.py)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent_egress.policy import load_policy
+from agent_egress.policy.files import DEFAULT_MANAGED_PATH, policy_file_trust
+
+from .approval_cli import add_socket_option
+from .paths import default_socket_path, managed_policy_file, user_policy_file
+from .textsafe import printable
+
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
+
+EXIT_USAGE = 2
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080 (port 0 picks a free port)")
+    return host.strip("[]"), int(port)
+
+
+def add_parsers(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="run the proxy",
+                                description="Run the proxy. Without --config the built-in "
+                                            "default policy applies.")
+    serve.add_argument("--config", metavar="FILE", help="user policy file (TOML; default "
+                       "$XDG_CONFIG_HOME/agent-egress/policy.toml if present, else built-in)")
+    serve.add_argument("--managed", metavar="FILE",
+                       help=f"managed (admin-owned) policy (default {DEFAULT_MANAGED_PATH} "
+                            "if present)")
+    serve.add_argument("--listen", metavar="HOST:PORT", type=_listen,
+                       default=("127.0.0.1", 8080),
+                       help="address to listen on (default 127.0.0.1:8080; port 0 picks one)")
+    serve.add_argument("--audit-log", metavar="FILE",
+                       help="audit log, JSON lines ('-' for stdout; default "
+                            "$XDG_STATE_HOME/agent-egress/audit.jsonl)")
+    serve.add_argument("--resolve", metavar="HOST=ADDR", action="append", default=[],
+                       help="static address for a host, like curl --resolve (repeatable)")
+    serve.add_argument("--dns-timeout", metavar="SECONDS", type=float, default=5.0,
+                       help="timeout of the proxy's own DNS lookups (default 5)")
+    serve.add_argument("--approver-uid", metavar="UID", type=int, action="append", default=[],
+                       help="another uid allowed to approve (the proxy's own uid and root "
+                            "always are; the socket's file permissions must let it in too)")
+    serve.add_argument("--agent-uid", metavar="UID", type=int,
+                       help="the uid the agent runs as, when known (run --agent-user sets it): "
+                            "the proxy then says whether the agent could approve its own "
+                            "requests or change the policy files")
+    serve.add_argument("--managed-owner", metavar="UID", type=int, action="append", default=[],
+                       help="an admin uid besides root that may own the managed policy "
+                            "(repeatable); a managed file anyone else can change is refused")
+    add_socket_option(serve)
+    serve.set_defaults(handler=cmd_serve)
+
+
+
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why serve could not listen there, said in our words (mitmproxy's own message points
+    at its --mode flag); bound the way mitmproxy binds, with SO_REUSEADDR."""
+    if port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            return (f"cannot listen on {shown}: {exc.strerror or exc}; is another proxy "
+                    "running there? Choose another address with --listen HOST:PORT (port 0 "
+                    "picks a free one)")
+    return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    host, port = args.listen
+    if problem := _listen_problem(host, port):
+        print(f"agent-egress: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    refusal, telemetry = _serve_preflight(args)
+    if refusal is not None:
+        return refusal
+    return serve(listen_host=host, listen_port=port,
+                 policy_file=user_policy_file(args.config),
+                 managed_file=managed_policy_file(args.managed), telemetry=telemetry,
+                 audit_log=args.audit_log, resolve=args.resolve,
+                 socket_path=args.approval_socket or default_socket_path(),
+                 approver_uids=args.approver_uid, agent_uid=args.agent_uid,
+                 managed_owners=args.managed_owner, extra={"dns_timeout": args.dns_timeout})
+
+
+def _serve_preflight(args: argparse.Namespace) -> tuple[int | None, Telemetry | None]:
+    """Everything that must hold before a proxy starts: (exit status, None) if it must not.
+
+    What is loaded here to check it is let go before `serve` loads the policy for itself: a
+    large policy would otherwise be held twice for the proxy's whole life.
+    """
+    from .telemetry import Telemetry, TelemetryConfigError, telemetry_config
+
+    config, managed = user_policy_file(args.config), managed_policy_file(args.managed)
+    policy = load_policy(config, resolve=args.resolve, managed=managed)  # bad file: no start
+    for problem in (*policy.problems, *policy.warnings):
+        print(f"agent-egress: warning: {printable(problem)}", file=sys.stderr)
+    trust = policy_file_trust(Path(config) if config else None,
+                              Path(managed) if managed else None,
+                              managed_owners=args.managed_owner, agent_uid=args.agent_uid,
+                              protected=policy.settings.protected_file)
+    for refusal in trust.refusals:
+        print(f"agent-egress: refusing to start: {printable(refusal)}", file=sys.stderr)
+    if trust.refusals:
+        return EXIT_USAGE, None
+    try:
+        telemetry_settings = telemetry_config(policy.settings.telemetry,
+                                              policy.settings.telemetry_required)
+    except TelemetryConfigError as exc:
+        print(f"agent-egress: {exc}", file=sys.stderr)
+        return EXIT_USAGE, None
+    if not telemetry_settings.enabled:
+        return None, None
+    print(f"telemetry: OTLP {telemetry_settings.protocol} to "
+          f"{telemetry_settings.endpoint or 'the default endpoint'}", file=sys.stderr)
+    return None, Telemetry(telemetry_settings)
+
+
