@@ -7,7 +7,6 @@ upstream. An allowed one has its upstream resolved, checked and pinned before an
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -17,94 +16,33 @@ from agent_egress.policy import (
     Action,
     CompiledPolicy,
     Decision,
-    InvalidHost,
     PolicyError,
     Reason,
     default_user_policy_path,
     load_policy,
     normalize_host,
-    split_host_port,
 )
+from agent_egress.policy.files import files_signature
 from mitmproxy import ctx, exceptions, http
 
-from .approvals import Approvals, Verdict
+from .approvals import Approvals
 from .auditlog import AuditLog
 from .events import decision_fields, request_fields
+from .httpchecks import host_header_mismatch, strip_upgrade, tunnel_target_mismatch
 from .identity import agent_of
-from .pinning import Pin, UpstreamPinning
+from .pending import Verdict
+from .pinning import UpstreamPinning
+from .refusals import blocked_response
 
 logger = logging.getLogger(__name__)
 
-_X_PROXY_ERROR = {
-    Reason.DENYLIST: "blocked-by-denylist",
-    Reason.DENIED_BY_APPROVER: "blocked-by-denylist",
-    Reason.NOT_ALLOWLISTED: "blocked-by-allowlist",
-    Reason.NEEDS_APPROVAL: "blocked-by-allowlist",
-    Reason.APPROVAL_TIMEOUT: "blocked-by-allowlist",
-    Reason.APPROVAL_QUEUE_FULL: "blocked-by-allowlist",
-}
-_PROXY_STATUS_ERROR = {
-    Reason.PRIVATE_ADDRESS: "destination_ip_prohibited",
-    Reason.DNS_ERROR: "dns_error",
-}
-
 
 DECIDED = "agent_egress_decided"  # flow metadata: the policy let this request through
-_STATUS = {Reason.INVALID_HOST: 400}
-
-
-def blocked_response(decision: Decision) -> http.Response:
-    """The 403 an agent sees: plain text it can show its user, plus machine-readable headers.
-
-    It names the rule and its file, never a path on the machine (the event keeps those)."""
-    why = decision.explain(file_names_only=True)
-    body = (f"agent-egress blocked this request.\n"
-            f"destination: {decision.host}:{decision.port}\n"
-            f"reason: {decision.reason.value}: {why}\n"
-            f"what to do: {_what_to_do(decision)} Do not try to reach it another way.\n")
-    error = _PROXY_STATUS_ERROR.get(decision.reason, "http_request_denied")
-    details = _quoted_header_text(why)
-    return http.Response.make(_STATUS.get(decision.reason, 403), body, {
-        "Content-Type": "text/plain; charset=utf-8",
-        "Proxy-Status": f'agent-egress; error={error}; details="{details}"',
-        "x-proxy-error": _X_PROXY_ERROR.get(decision.reason, "blocked-by-policy"),
-        "Connection": "close",
-    })
 
 
 def policy_files_signature() -> tuple[Any, ...]:
-    """Which versions of the policy files the options name (inode, mtime, size)."""
-    signature: list[Any] = []
-    for path in (ctx.options.policy_file, ctx.options.managed_policy_file):
-        if not path:
-            continue
-        try:
-            info = os.stat(path)
-            signature.append((path, info.st_ino, info.st_mtime_ns, info.st_size))
-        except OSError:
-            signature.append((path, None))
-    return tuple(signature)
-
-
-def _what_to_do(decision: Decision) -> str:
-    """Advice that helps: for an address or DNS refusal, the policy is not the problem."""
-    target = f"{decision.host}:{decision.port}"
-    if decision.reason is Reason.PRIVATE_ADDRESS:
-        return (f"{decision.host} resolves to a non-public address, which no allow rule "
-                "changes. If it is an internal service agents should reach, an administrator "
-                "can list its network in network.allowed_cidrs; otherwise check the name.")
-    if decision.reason is Reason.DNS_ERROR:
-        return (f"the proxy could not look up {decision.host}: check the name (a typo?) and "
-                "the proxy's DNS; the policy is not the problem.")
-    return (f"if the task needs this destination, ask the person running the agent to allow "
-            f"it in the agent-egress policy (see: agent-egress policy explain {target}).")
-
-
-def _quoted_header_text(text: str) -> str:
-    """Printable ASCII for a quoted header parameter: hosts and paths come from the agent."""
-    ascii_text = text.encode("ascii", "backslashreplace").decode("ascii")
-    printable = "".join(c if " " <= c <= "~" else f"\\x{ord(c):02x}" for c in ascii_text)
-    return printable.replace("\\", "\\\\").replace('"', '\\"')
+    """Which versions of the policy files the options name (see files_signature)."""
+    return files_signature((ctx.options.policy_file, ctx.options.managed_policy_file))
 
 
 def _verdict_decision(held: Decision, verdict: Verdict, timeout: float) -> Decision:
@@ -128,25 +66,6 @@ def _verdict_fields(verdict: Verdict | None) -> dict[str, Any]:
         return {}
     return {"approval_id": verdict.approval_id, "approval_actor": verdict.actor,
             "approval_scope": verdict.scope}
-
-
-_UPGRADE_HEADERS = ("upgrade", "http2-settings")
-
-
-def strip_upgrade(request: http.Request) -> None:
-    """Remove any protocol upgrade but WebSocket, so an origin can never switch the connection
-    to a protocol the proxy does not parse (h2c, in any case, or anything else)."""
-    upgrade = request.headers.get_all("upgrade")
-    if not upgrade or [value.strip().lower() for value in upgrade] == ["websocket"]:
-        return
-    for name in _UPGRADE_HEADERS:
-        request.headers.pop(name, None)
-    tokens = [token.strip() for value in request.headers.get_all("connection")
-              for token in value.split(",")]
-    kept = [t for t in tokens if t and t.lower() not in ("upgrade", *_UPGRADE_HEADERS)]
-    request.headers.pop("connection", None)
-    if kept:
-        request.headers["connection"] = ", ".join(kept)
 
 
 class Enforcer:
@@ -266,14 +185,14 @@ class Enforcer:
         strip_upgrade(request)
         tunnel = self.pinning.tunnel(flow.client_conn)
         if tunnel is not None:
-            mismatch = self._tunnel_target_mismatch(request, tunnel)
+            mismatch = tunnel_target_mismatch(request, tunnel)
             # mitmproxy points a request in a tunnel at the tunnel's checked address; it is
             # decided by the tunnel's name, afresh (the policy may have changed since), and
             # goes upstream in origin form: the origin sees exactly the target judged here.
             request.data.host, request.data.port = tunnel.name, tunnel.port
             request.authority = ""
         else:
-            mismatch = self._host_header_mismatch(request)
+            mismatch = host_header_mismatch(request)
         if mismatch is not None:
             self._refuse(flow, mismatch)
             if not self.auditing:
@@ -288,43 +207,6 @@ class Enforcer:
             default = 443 if request.scheme == "https" else 80
             request.host_header = name if request.port == default else (
                 f"[{name}]:{request.port}" if ":" in name else f"{name}:{request.port}")
-
-    @staticmethod
-    def _tunnel_target_mismatch(request: http.Request, tunnel: Pin) -> Decision | None:
-        """A request inside a tunnel must name the tunnel's host, in its target and its Host
-        header; an absolute-form target naming another host is domain fronting over HTTP."""
-        named = []
-        if request.authority:
-            named.append(("request target", request.authority, request.scheme))
-        if (header := request.host_header) is not None:
-            named.append(("Host header", header, request.scheme))
-        for where, authority, _scheme in named:
-            try:
-                name, port = split_host_port(authority, default_port=tunnel.port)
-                same = normalize_host(name).name == tunnel.name and port == tunnel.port
-            except InvalidHost:
-                same = False
-            if not same:
-                return Decision(Action.DENY, Reason.HOST_MISMATCH, tunnel.name, tunnel.port,
-                                detail=f"the {where} ({authority}) inside the tunnel to "
-                                       f"{tunnel.name}:{tunnel.port} names another destination")
-        return None
-
-    def _host_header_mismatch(self, request: http.Request) -> Decision | None:
-        """A Host header naming another host than the request target is a smuggling attempt."""
-        header = request.host_header
-        if header is None:
-            return None
-        try:
-            name, port = split_host_port(header, default_port=request.port)
-            same = normalize_host(name).name == normalize_host(request.host).name
-        except InvalidHost:
-            same, port = False, request.port
-        if same and port == request.port:
-            return None
-        return Decision(Action.DENY, Reason.HOST_MISMATCH, request.host, request.port,
-                        detail=f"the Host header ({header}) names another destination than "
-                               f"the request ({request.host}:{request.port})")
 
     async def _ask(self, flow: http.HTTPFlow, held: Decision) -> tuple[Decision, Verdict] | None:
         """A person's verdict for a destination no rule covers; None if the client left."""

@@ -11,8 +11,9 @@ from agent_egress.policy import Action, Decision, Reason
 from mitmproxy import http
 
 from .auditlog import AuditLog
-from .enforce import DECIDED, blocked_response
+from .enforce import DECIDED
 from .events import client_text
+from .refusals import blocked_response
 
 
 class FailClosed:

@@ -24,7 +24,8 @@ from mitmproxy.proxy.layers.http._http1 import Http1Server
 
 from .auditlog import AuditLog
 from .events import client_text
-from .tunnels import CloseClient, is_tunnel_stack
+from .relay import CloseClient
+from .tunnels import is_tunnel_stack
 
 MAX_REQUEST_HEAD = 64 * 1024
 MAX_REQUEST_HEADERS = 200

@@ -17,7 +17,7 @@ import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, Any, NamedTuple
 
 DEFAULT_MANAGED_PATH = Path("/etc/agent-egress/managed.toml")
 
@@ -286,3 +286,18 @@ def policy_file_trust(user: Path | None, managed: Path | None, *,
         else:
             warnings.append(message)
     return FileTrust(tuple(refusals), tuple(warnings))
+
+
+def files_signature(paths: Iterable[str | None]) -> tuple[Any, ...]:
+    """Which versions of these files exist now (inode, mtime, size): a change of any is a new
+    version. Empty paths are skipped; a missing file is its own version."""
+    signature: list[Any] = []
+    for path in paths:
+        if not path:
+            continue
+        try:
+            info = os.stat(path)
+            signature.append((path, info.st_ino, info.st_mtime_ns, info.st_size))
+        except OSError:
+            signature.append((path, None))
+    return tuple(signature)

@@ -19,8 +19,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from agent_egress.addons.approvals import ApprovalError, Approvals
+from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog
+from agent_egress.addons.pending import ApprovalError
 from agent_egress.policy import InvalidHost
 
 from .approval_socket import (

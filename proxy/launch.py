@@ -1,31 +1,23 @@
-"""`agent-egress env` and `agent-egress run`: point an agent process at the proxy."""
+"""`agent-egress env` and `health`: point an agent process at the running proxy, and ask it how
+it is (the variables are shared with `run`)."""
 
 from __future__ import annotations
 
 import argparse
 import http.client
-import os
-import pwd
-import re
 import shlex
-import signal
-import subprocess
 import sys
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
-from .paths import managed_policy_file, run_socket_path, user_policy_file
 from .textsafe import printable
 
 CA_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "PIP_CERT",
                 "GIT_SSL_CAINFO", "CURL_CA_BUNDLE")
 DEFAULT_URL = "http://127.0.0.1:8080"
-_LISTENING = re.compile(r"listening on (\S+)")
 
 
 def proxy_environment(url: str, ca_file: str | None = None) -> dict[str, str]:
@@ -104,146 +96,6 @@ def proxy_answers(url: str) -> bool:
         connection.close()
 
 
-class RunError(Exception):
-    """`run` cannot start the command as asked; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class AgentUser:
-    """Who the command runs as with --agent-user: another uid than the proxy's, so the approval
-    socket refuses it and it cannot approve its own requests."""
-
-    name: str
-    uid: int
-    gid: int
-    home: str
-
-    @classmethod
-    def named(cls, name: str) -> AgentUser:
-        if os.geteuid() != 0:
-            raise RunError("--agent-user needs root (run starts the command as that user); "
-                           "without root, run the agent under another account yourself")
-        try:
-            entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
-        except (KeyError, ValueError):
-            raise RunError(f"no such user: {name!r}") from None
-        if entry.pw_uid == 0:
-            raise RunError("--agent-user must not be root: root may always approve")
-        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
-
-    def popen_options(self) -> dict[str, Any]:
-        return {"user": self.uid, "group": self.gid,
-                "extra_groups": os.getgrouplist(self.name, self.gid)}
-
-    def environment(self) -> dict[str, str]:
-        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
-
-
-def _start_proxy(args: argparse.Namespace, socket_path: Path,
-                 agent: AgentUser | None) -> tuple[subprocess.Popen[str], str]:
-    command = [sys.executable, "-m", "agent_egress.proxy", "serve", "--listen", args.listen,
-               "--approval-socket", str(socket_path)]
-    for option, value in (("--config", args.config), ("--managed", args.managed),
-                          ("--audit-log", args.audit_log),
-                          ("--agent-uid", agent.uid if agent else None)):
-        if value is not None:
-            command += [option, str(value)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=sys.stderr, text=True,
-                               stdin=subprocess.DEVNULL)
-    assert process.stdout is not None
-    address = None
-    for line in process.stdout:
-        sys.stderr.write(f"[agent-egress] {line}")
-        if match := _LISTENING.search(line):
-            address = match.group(1)
-        if line.strip().startswith("http_proxy="):
-            break
-    if address is None:
-        process.wait()
-        raise RunError(f"the proxy did not start (exit {process.returncode})")
-    stdout = process.stdout
-    threading.Thread(target=lambda: [sys.stderr.write(f"[agent-egress] {line}")
-                                     for line in stdout], daemon=True).start()
-    return process, f"http://{address}"
-
-
-def _same_file(a: str | None, b: str | None) -> bool:
-    if a is None or b is None:
-        return a == b
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _join(args: argparse.Namespace) -> str:
-    """The URL of the running proxy to join, if it enforces the policy files run would use."""
-    socket_path = find_socket(args.approval_socket)
-    try:
-        with ApprovalClient(socket_path, timeout=5) as client:
-            status = client.request("status")["status"]
-    except (ApprovalClientError, OSError, ValueError, KeyError) as exc:
-        raise RunError(f"--join: no proxy answers at {socket_path} ({exc}); drop --join to "
-                       "start one for this command") from None
-    policy = status.get("policy")
-    running = None if policy == "built-in default policy" else policy
-    wanted, wanted_managed = user_policy_file(args.config), managed_policy_file(args.managed)
-    if not _same_file(running, wanted) or not _same_file(status.get("managed"), wanted_managed):
-        raise RunError(
-            f"--join: the running proxy enforces policy {running or 'built-in'} (managed: "
-            f"{status.get('managed') or 'none'}), not {wanted or 'built-in'} (managed: "
-            f"{wanted_managed or 'none'}) as this run asks; drop --join to start a proxy with "
-            "this run's policy")
-    listen = status.get("listen") or []
-    if not listen:
-        raise RunError(f"--join: the proxy at {socket_path} reports no listen address")
-    print(f"agent-egress run: joining the proxy at http://{printable(listen[0])} "
-          f"(approvals: {printable(status.get('approval_separation', ''))})", file=sys.stderr)
-    return f"http://{listen[0]}"
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    command = list(args.argv)
-    if command and command[0] == "--":
-        command = command[1:]
-    if not command:
-        print("agent-egress run: give the command to run after --, e.g. "
-              "agent-egress run -- curl https://pypi.org/simple/", file=sys.stderr)
-        return 2
-    started = None
-    try:
-        agent = AgentUser.named(args.agent_user) if args.agent_user else None
-        if args.join:
-            url = _join(args)
-        else:
-            started, url = _start_proxy(args, args.approval_socket or run_socket_path(), agent)
-    except RunError as exc:
-        print(f"agent-egress run: {exc}", file=sys.stderr)
-        return 2
-    env = {**os.environ, **proxy_environment(with_agent(url, args.agent_id))}
-    options: dict[str, Any] = {}
-    if agent is not None:
-        env.update(agent.environment())
-        options = agent.popen_options()
-    try:
-        try:
-            child = subprocess.Popen(command, env=env, **options)
-        except FileNotFoundError:
-            print(f"agent-egress run: command not found: {command[0]}", file=sys.stderr)
-            return 127
-        while True:
-            try:
-                status = child.wait()
-                break
-            except KeyboardInterrupt:
-                child.send_signal(signal.SIGINT)  # let the agent decide how to stop
-        return status if status >= 0 else 128 - status
-    finally:
-        if started is not None:  # only a proxy this run started is stopped
-            started.send_signal(signal.SIGTERM)
-            try:
-                started.wait(15)
-            except subprocess.TimeoutExpired:
-                started.kill()
-
-
 def cmd_health(args: argparse.Namespace) -> int:
     try:
         with ApprovalClient(find_socket(args.approval_socket), timeout=5) as client:
@@ -282,29 +134,6 @@ def add_parsers(commands: Any) -> None:
     env.add_argument("--no-check", action="store_true",
                      help="print the variables even when no proxy answers at the address "
                           "(default: say so on stderr and exit 1)")
-    run = commands.add_parser(
-        "run", help="run a command with its traffic going through the proxy",
-        description="Run COMMAND with the proxy variables set, through a proxy started for it "
-                    "on a free port with this run's policy and its own approval socket "
-                    "(watch and pending find it), stopped when COMMAND exits. With --join, "
-                    "through the proxy already running instead, if it enforces the same policy "
-                    "files. Exits with COMMAND's status.")
-    run.add_argument("--agent-id", metavar="ID", help="the agent's name on every event")
-    run.add_argument("--agent-user", metavar="USER",
-                     help="run COMMAND as this user (needs root): the approval socket refuses "
-                          "it, so the agent cannot approve its own requests")
-    run.add_argument("--join", action="store_true",
-                     help="use the running proxy (refused when its policy files differ from "
-                          "this run's); it is left running")
-    run.add_argument("--config", metavar="FILE",
-                     help="user policy (default: as serve picks it)")
-    run.add_argument("--managed", metavar="FILE", help="managed policy (default: as serve)")
-    run.add_argument("--audit-log", metavar="FILE", help="audit log for the started proxy")
-    run.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:0",
-                     help="listen address for the started proxy (default: a free port)")
-    add_socket_option(run)
-    run.set_defaults(handler=cmd_run)
-    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     health = commands.add_parser(
         "health", help="check that the proxy is up (exit 0) or not",
         description="Ask the running proxy over its approval socket: exit 0 with its listen "

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from agent_egress.addons.approvals import ApprovalError, Approvals
+from agent_egress.addons.approvals import Approvals
+from agent_egress.addons.pending import ApprovalError
 from agent_egress.policy import Action, Decision, PolicyError, Problem, Reason, parse_policy
 from mitmproxy.test import taddons, tflow
 

@@ -8,7 +8,8 @@ import ssl
 import struct
 
 from agent_egress.addons.pinning import UpstreamPinning
-from agent_egress.addons.tunnels import CloseClient, CountingPassthrough, Tunnel, Tunnels
+from agent_egress.addons.relay import CloseClient, CountingPassthrough, Tunnel
+from agent_egress.addons.tunnels import Tunnels
 from agent_egress.policy import parse_policy
 from mitmproxy import options
 from mitmproxy.proxy import commands, events, layer, layers
