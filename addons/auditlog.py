@@ -17,6 +17,8 @@ import structlog
 from agent_egress.policy.files import UnsafePath, open_append
 from mitmproxy import ctx, exceptions
 
+from .connections import listen_addresses
+
 EVENT_SCHEMA_VERSION = 1
 logger = logging.getLogger(__name__)
 
@@ -91,9 +93,8 @@ class AuditLog:
                 logger.exception("telemetry sink failed for %s", event)
 
     def running(self) -> None:
-        listen = ctx.master.addons.get("proxyserver").listen_addrs()
         self.emit("proxy.started", version=version("agent-egress"),
-                  listen=[f"{address[0]}:{address[1]}" for address in listen],
+                  listen=listen_addresses(),
                   policy=ctx.options.policy_file or "built-in default policy")
 
     def done(self) -> None:

@@ -23,6 +23,17 @@ def address_text(peer: tuple[Any, ...] | None) -> str | None:
     return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
 
 
+def listen_ports() -> set[int]:
+    """The ports this proxy listens on."""
+    return {address[1] for address in ctx.master.addons.get("proxyserver").listen_addrs()}
+
+
+def listen_addresses() -> list[str]:
+    """Where this proxy listens, as `ip:port` (`[ip]:port` for IPv6)."""
+    return [address_text(address) or "" for address in
+            ctx.master.addons.get("proxyserver").listen_addrs()]
+
+
 def client_text(client: connection.Client) -> str | None:
     return address_text(client.peername)
 

@@ -15,7 +15,7 @@ import weakref
 from typing import Any
 
 from agent_egress.policy import Reason
-from mitmproxy import connection, ctx, http
+from mitmproxy import connection, http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers import modes
@@ -23,6 +23,7 @@ from mitmproxy.proxy.layers.http import HTTPMode, ReceiveHttp, RequestData, Requ
 from mitmproxy.proxy.layers.http._http1 import Http1Server
 
 from .auditlog import AuditLog
+from .connections import listen_ports
 from .events import client_text
 from .relay import CloseClient
 from .tunnels import is_tunnel_stack
@@ -151,9 +152,7 @@ class ProxyPort:
         request = flow.request
         if request.path != "/healthz" or request.method != "GET" or flow.response is not None:
             return
-        listening = {address[1] for address in
-                     ctx.master.addons.get("proxyserver").listen_addrs()}
-        if request.port not in listening or flow.client_conn.tls_established:
+        if request.port not in listen_ports() or flow.client_conn.tls_established:
             return
         flow.response = http.Response.make(200, json.dumps({"status": "ok"}),
                                            {"Content-Type": "application/json"})

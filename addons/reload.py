@@ -19,6 +19,7 @@ from agent_egress.policy.files import FileTrust, policy_file_trust
 from mitmproxy import ctx
 
 from .auditlog import AuditLog
+from .connections import listen_addresses
 from .enforce import Enforcer, policy_files_signature
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,16 @@ class PolicyReload:
     def running(self) -> None:
         self._trust = self.file_trust()
         self._loaded_at = _now()
+        self._restart_watch()
+
+    def configure(self, updated: set[str]) -> None:
+        if "reload_interval" in updated and self._task is not None:
+            self._restart_watch()  # an interval changed while running takes effect at once
+
+    def _restart_watch(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
         if ctx.options.reload_interval > 0:
             self._task = asyncio.create_task(self._watch())
 
@@ -101,10 +112,8 @@ class PolicyReload:
     def status(self) -> dict[str, Any]:
         """What `policy show` reports about the running proxy."""
         policy = self.enforcer.policy
-        listen = [f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
-                  for a in ctx.master.addons.get("proxyserver").listen_addrs()]
         return {
-            "listen": listen,
+            "listen": listen_addresses(),
             "policy": ctx.options.policy_file or "built-in default policy",
             "managed": ctx.options.managed_policy_file or None,
             "mode": policy.settings.mode if policy else None,

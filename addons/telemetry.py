@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry._logs import SeverityNumber
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -65,10 +65,18 @@ def _body(event: str, fields: dict[str, Any]) -> str:
     return event
 
 
+class Providers(Protocol):
+    """The OTel providers the sink writes to (proxy/telemetry.py's Telemetry): the SDK's types,
+    which are imported only when export is on."""
+
+    logger_provider: Any
+    meter_provider: Any
+
+
 class TelemetrySink:
     """Receives every event from the audit log and hands it to the OTel SDK."""
 
-    def __init__(self, telemetry: Any, open_tunnels: Callable[[], int],
+    def __init__(self, telemetry: Providers, open_tunnels: Callable[[], int],
                  pending_approvals: Callable[[], int]) -> None:
         self.telemetry = telemetry
         self._logger = telemetry.logger_provider.get_logger("agent_egress")

@@ -357,7 +357,7 @@ class CompiledPolicy:
     __slots__ = ("layers", "settings", "problems", "warnings", "_allow_layers", "_cache")
 
     def __init__(self, layers: Sequence[Layer], settings: Settings,
-                 problems: Sequence[object] = (), warnings: Sequence[str] = ()) -> None:
+                 problems: Sequence[str] = (), warnings: Sequence[str] = ()) -> None:
         self.layers = tuple(layers)
         self.settings = settings
         # Requirement violations that were reported and not applied (errors.Problem).

@@ -24,6 +24,7 @@ from agent_egress.addons.auditlog import AuditLog
 from agent_egress.addons.pending import ApprovalError
 from agent_egress.policy import InvalidHost
 
+from .approval_client import PROTOCOL_VERSION
 from .approval_socket import (
     Identity,
     SocketSetupError,
@@ -37,7 +38,6 @@ __all__ = ["ApprovalServer", "SocketSetupError", "peer_uid"]  # SocketSetupError
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 # Events an approver has not read yet; past this it is dropped, not buffered for without end.
 MAX_SUBSCRIBER_BUFFER = 1024 * 1024

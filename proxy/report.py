@@ -8,32 +8,26 @@ every output shares, and the part that must stay fast on large logs.
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
-import sys
-import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import tldextract
 
+from .auditlogs import Progress, counted, read_lines
 from .report_timeline import Timeline
+
+__all__ = ["HostStats", "Report", "build_report", "counted", "registrable_domain"]
 
 _EXAMPLES = 3
 _MALFORMED_LISTED = 20
 _AGENTS_KEPT = 50
 _extract = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)  # bundled list, no fetch
-
-
-def counted(number: int, noun: str, plural: str | None = None) -> str:
-    """'1 request', '2 requests', '1,024 hosts': every count report prints reads as English."""
-    return f"{number:,} {noun if number == 1 else plural or noun + 's'}"
 
 
 @lru_cache(maxsize=65536)
@@ -45,20 +39,6 @@ def registrable_domain(host: str) -> str:
     if result.suffix and result.domain:
         return f"{result.domain}.{result.suffix}"
     return ".".join(host.split(".")[-2:])
-
-
-def parse_when(text: str, now: datetime | None = None) -> datetime:
-    """'24h', '7d', '30m' (ago), or an ISO date/time (UTC when no zone is given)."""
-    now = now or datetime.now(UTC)
-    units = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-    if text[:-1].isdigit() and text[-1:] in units:
-        return now - timedelta(**{units[text[-1]]: int(text[:-1])})
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is neither a duration like 24h/7d nor a date like "
-                         "2026-11-24 or 2026-11-24T08:00") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 # Refusals whose event detail says what the network did (the address, the DNS failure).
@@ -280,65 +260,12 @@ class Report:
         }
 
 
-def open_log(path: Path) -> tuple[IO[bytes], IO[str]]:
-    """The raw file (its position drives the progress bar) and text lines, gunzipped if need be."""
-    raw = path.open("rb")
-    gzipped = raw.read(2) == b"\x1f\x8b"
-    raw.seek(0)
-    stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if gzipped else raw  # type: ignore[assignment]
-    return raw, io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
-
-
-class Progress:
-    """A one-line progress indicator on a terminal's stderr; silent when piped."""
-
-    def __init__(self, total_bytes: int, stream: IO[str] = sys.stderr) -> None:
-        self.total = max(total_bytes, 1)
-        self.stream = stream
-        self.enabled = stream.isatty()
-        self._shown = 0.0
-
-    def update(self, done_bytes: int, events: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self._shown < 0.2:
-            return
-        self._shown = now
-        share = min(done_bytes / self.total, 1.0)
-        bar = "#" * int(share * 30)
-        self.stream.write(f"\rreading audit logs [{bar:<30}] {share:6.1%} "
-                          f"{counted(events, 'event')}")
-        self.stream.flush()
-
-    def finish(self) -> None:
-        if self.enabled:
-            self.stream.write("\r" + " " * 78 + "\r")
-            self.stream.flush()
-
-
 def build_report(paths: Iterable[Path], *, decision: str = "deny",
                  since: datetime | None = None, until: datetime | None = None,
                  agent: str | None = None, progress: Progress | None = None) -> Report:
     paths = list(paths)
     report = Report([str(p) for p in paths], decision, since, until, agent)
-    done = 0
-    for path in paths:
-        raw, lines = open_log(path)
-        with raw, lines:
-            for number, line in enumerate(lines, start=1):
-                report.add_line(str(path), number, line)
-                if progress is not None and number % 20000 == 0:
-                    progress.update(done + raw.tell(), report.events)
-        done += path.stat().st_size
-    if progress is not None:
-        progress.finish()
+    read_lines(paths, report.add_line, progress, lambda: report.events)
     return report
 
 
-def expand_logs(paths: Iterable[str]) -> Iterator[Path]:
-    """Files as given; a directory stands for its audit logs, rotated ones included."""
-    for text in paths:
-        path = Path(text)
-        if path.is_dir():
-            yield from sorted(p for p in path.iterdir() if p.is_file() and ".jsonl" in p.name)
-        else:
-            yield path

@@ -43,20 +43,20 @@ def add_parsers(commands: Any) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from agent_egress.addons.auditlog import default_audit_log_path
 
+    from . import auditlogs, report_render, report_suggest
     from . import report as reporting
-    from . import report_render, report_suggest
 
     if args.suggest and (args.decision or args.format not in ("table", "json")):
         print("agent-egress report: --suggest reads every decision and writes TOML (or JSON "
               "with --format json); drop --decision and other formats", file=sys.stderr)
         return EXIT_USAGE
     try:
-        since = reporting.parse_when(args.since) if args.since else None
-        until = reporting.parse_when(args.until) if args.until else None
+        since = auditlogs.parse_when(args.since) if args.since else None
+        until = auditlogs.parse_when(args.until) if args.until else None
     except ValueError as exc:
         print(f"agent-egress report: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    paths = list(reporting.expand_logs(args.logs or [str(default_audit_log_path())]))
+    paths = list(auditlogs.expand_logs(args.logs or [str(default_audit_log_path())]))
     missing = [str(p) for p in paths if not p.is_file()]
     if missing or not paths:
         print(f"agent-egress report: no such audit log: {', '.join(missing) or args.logs}",
@@ -65,7 +65,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     total = sum(p.stat().st_size for p in paths)
     decision = "all" if args.suggest else args.decision or "deny"
     result = reporting.build_report(paths, decision=decision, since=since, until=until,
-                                    agent=args.agent, progress=reporting.Progress(total))
+                                    agent=args.agent, progress=auditlogs.Progress(total))
     if args.suggest:
         managed = managed_policy_file(args.managed)
         suggestions = report_suggest.suggest(

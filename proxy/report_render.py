@@ -11,6 +11,9 @@ import io
 import json
 import re
 from datetime import datetime
+from functools import lru_cache
+from importlib import resources
+from string import Template
 
 from .report import HostStats, Report, counted
 from .report_timeline import UNITS, Timeline
@@ -155,21 +158,6 @@ def _timeline_section(timeline: Timeline) -> str:
 # last columns out of sight.
 _WIDTHS = {"count": 5, "domain": 10, "host": 14, "ports": 5, "agents": 10, "first_seen": 9,
            "last_seen": 9, "why": 11, "example_paths": 13, "approvals": 14}
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222;overflow-wrap:anywhere}
-h1{font-size:1.4em}.totals{margin:.5em 0 1.5em;color:#444}
-svg{width:100%;max-width:760px;height:auto;border:1px solid #ddd;background:#fafafa}
-.bar{fill:#c0392b}.axis{stroke:#888}svg text{font-size:11px;fill:#555}
-table{border-collapse:collapse;margin-top:1.5em;width:100%;table-layout:fixed;font-size:13px}
-th,td{border:1px solid #ccc;padding:3px 5px;text-align:left;vertical-align:top;
-overflow-wrap:anywhere;word-break:break-word}
-th{background:#eee}td.n{text-align:right}
-@media print{body{margin:0}svg{border:none}tr{page-break-inside:avoid}}
-"""
-
-
-# No script from anywhere, no fetches; the page's own inline CSS only.
-_CSP = "default-src 'none'; style-src 'unsafe-inline'"
 
 
 def _html(text: str) -> str:
@@ -190,15 +178,16 @@ def render_html(report: Report) -> str:
         "<tr>" + "".join(f'<td{" class=n" if i == 0 else ""}>{_list_html(c)}</td>'
                          for i, c in enumerate(_row(s))) + "</tr>"
         for s in report.rows())
-    return (f"<!doctype html><html><head><meta charset=utf-8>"
-            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
-            f"<title>agent-egress report</title>"
-            f"<style>{_CSS}</style></head><body><h1>agent-egress report</h1>"
-            f'<p class="totals">{_html(headline(report))}</p>'
-            f"{_timeline_section(report.timeline)}"
-            f'<table id="hosts"><colgroup>{columns}</colgroup>'
-            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-            f"</body></html>\n")
+    return _page().substitute(headline=_html(headline(report)),
+                              timeline=_timeline_section(report.timeline), columns=columns,
+                              head=head, body=body)
+
+
+@lru_cache(maxsize=1)
+def _page() -> Template:
+    """The page around the data (report.html, package data): markup and CSS, no script; every
+    value put into it is escaped first."""
+    return Template(resources.files(__package__).joinpath("report.html").read_text("utf-8"))
 
 
 RENDERERS = {"table": render_table, "json": render_json, "csv": render_csv,

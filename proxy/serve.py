@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog, default_audit_log_path
+from agent_egress.addons.connections import listen_addresses
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.addons.failclosed import FailClosed
 from agent_egress.addons.identity import AgentIdentity
@@ -49,15 +50,13 @@ class Announce:
         self.status = status
 
     def running(self) -> None:
-        addresses = ctx.master.addons.get("proxyserver").listen_addrs()
-        host, port = addresses[0][:2]
-        shown = f"[{host}]" if ":" in host else host
-        url = f"http://{shown}:{port}"
+        address = listen_addresses()[0]
+        url = f"http://{address}"
         policy = ctx.options.policy_file or "built-in default policy"
         if ctx.options.managed_policy_file:
             policy += f" under managed policy {ctx.options.managed_policy_file}"
         audit_log = ctx.options.audit_log or str(default_audit_log_path())
-        print(f"agent-egress {version('agent-egress')} listening on {shown}:{port}", flush=True)
+        print(f"agent-egress {version('agent-egress')} listening on {address}", flush=True)
         print(f"policy: {policy}\naudit log: {audit_log}", flush=True)
         print(f"approval socket: {printable(self.socket_path)} (agent-egress watch)", flush=True)
         status = self.status()

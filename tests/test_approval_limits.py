@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from holding import ask_policy, wait_pending
 from proxyproc import ProxyProcess
-from test_approvals import ask_policy, wait_pending
 
 MIB = 1024 * 1024
 

@@ -64,7 +64,7 @@ def test_describe_leaves_no_control_of_any_kind() -> None:
 
 
 def test_pending_lists_hostile_requests_escaped_and_json_exact(tmp_path, plain_origin):
-    from test_approvals import ask_policy
+    from holding import ask_policy
 
     proxy = ProxyProcess(tmp_path / "p", ask_policy(plain_origin.port))
     # Hostile agent names are refused at the proxy (407, see test_fail_closed.py); a path is

@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from holding import ask_policy, start_curl, wait_pending
 from proxyproc import ProxyProcess
-from test_approvals import ask_policy, start_curl, wait_pending
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as uid nobody")

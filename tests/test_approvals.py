@@ -15,29 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TLS_NAMES
+from holding import ask_policy, start_curl, wait_pending
 from proxyproc import ProxyProcess
-
-
-def ask_policy(*ports: int, timeout: float = 30, extra_allow: str = "") -> str:
-    resolve = "\n".join(f'"{name}" = "127.0.0.1"' for name in TLS_NAMES)
-    return f"""version = 1
-[network]
-default = "ask"
-# Hosts agents may always reach
-allow = [
-    "allowed.test",{extra_allow}
-]
-deny = ["denied.evil.test"]
-ports = [80, 443, {", ".join(str(p) for p in ports)}]
-allowed_cidrs = ["127.0.0.0/8"]
-
-[approvals]
-timeout = {timeout}
-
-[resolve]
-{resolve}
-"""
 
 
 @pytest.fixture
@@ -45,24 +24,6 @@ def ask_proxy(tmp_path, tls_origin, plain_origin):
     process = ProxyProcess(tmp_path / "proxy", ask_policy(tls_origin.port, plain_origin.port))
     yield process
     process.stop()
-
-
-def start_curl(env, proxy, url: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(["curl", "-sS", "-i", "-x", proxy.url, "--max-time", "60", *args,
-                             url], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def wait_pending(proxy: ProxyProcess, predicate=lambda p: True, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = proxy.cli("pending", "--json")
-        assert result.returncode == 0, result.stderr
-        for item in json.loads(result.stdout):
-            if predicate(item):
-                return item
-        time.sleep(0.1)
-    raise AssertionError("no such pending approval")
 
 
 def test_curl_waits_until_approved_then_reaches_origin(ask_proxy, tls_origin, client_env):

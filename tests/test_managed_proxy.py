@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from conftest import TLS_NAMES
+from holding import start_curl, wait_pending
 from proxyproc import ProxyProcess, owner_args
-from test_approvals import start_curl, wait_pending
 
 RESOLVE = [arg for name in TLS_NAMES for arg in ("--resolve", f"{name}=127.0.0.1")]
 

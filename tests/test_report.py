@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import os
@@ -14,37 +13,7 @@ from pathlib import Path
 
 import pytest
 from agent_egress.proxy.report import registrable_domain
-
-
-def decided(time: str, host: str, decision: str, reason: str, *, agent: str | None = None,
-            port: int = 443, path: str | None = None, rule: str | None = None,
-            layer: str | None = None) -> dict:
-    event = {"time": time, "event": "request.decided", "schema": 1,
-             "client": "127.0.0.1:5000", "scheme": "http" if path else "connect",
-             "host": host, "port": port, "decision": decision, "reason": reason}
-    for key, value in (("agent", agent), ("path", path), ("rule", rule), ("layer", layer)):
-        if value is not None:
-            event[key] = value
-    return event
-
-
-@pytest.fixture(autouse=True)
-def own_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every report process gets a HOME and XDG directories of its own, never the real ones."""
-    for name, sub in (("HOME", "home"), ("XDG_CONFIG_HOME", "config"),
-                      ("XDG_STATE_HOME", "state"), ("XDG_CACHE_HOME", "cache")):
-        (tmp_path / "env" / sub).mkdir(parents=True, exist_ok=True)
-        monkeypatch.setenv(name, str(tmp_path / "env" / sub))
-    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
-
-
-def write_log(path: Path, events: list, *, gz: bool = False) -> Path:
-    text = "".join((e if isinstance(e, str) else json.dumps(e)) + "\n" for e in events)
-    if gz:
-        path.write_bytes(gzip.compress(text.encode()))
-    else:
-        path.write_text(text)
-    return path
+from reporting import decided, report, write_log
 
 
 @pytest.fixture
@@ -79,9 +48,7 @@ def logs(tmp_path: Path) -> list[Path]:
     return [first, second]
 
 
-def report(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent_egress.proxy", "report", *args],
-                          capture_output=True, text=True, timeout=timeout)
+
 
 
 def test_registrable_domains() -> None:

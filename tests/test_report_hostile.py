@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from test_report import decided, own_home, report, write_log  # noqa: F401 (fixture)
+from reporting import decided, report, write_log
 
 TOML_BREAKOUT = 'evil"\n[network]\nallow = ["*"]'
 # Shown to people only as escapes: terminal control, overwrite, reordering, invisibility.

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from test_report import decided, own_home, report, write_log  # noqa: F401 (fixture)
+from reporting import decided, report, write_log
 
 needs_chromium = pytest.mark.skipif(
     shutil.which("chromium") is None and not os.environ.get("CI"),

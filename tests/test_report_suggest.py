@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from test_report import decided, own_home, report, write_log  # noqa: F401 (fixture)
+from reporting import decided, report, write_log
 
 PRIVATE_DETAIL = "db.corp.test resolves to 10.1.2.3, a non-public address"
 DNS_DETAIL = "DNS lookup for nxdomain.test failed: Name or service not known"

@@ -7,9 +7,9 @@ import sys
 import time
 
 import pytest
+from holding import ask_policy, start_curl, wait_pending
 from otlp import GrpcReceiver, HttpReceiver, StallingCollector, closed_port_endpoint
 from proxyproc import ProxyProcess, owner_args
-from test_approvals import ask_policy, start_curl, wait_pending
 
 
 def otel_env(endpoint: str, protocol: str = "http/protobuf") -> dict[str, str]:
