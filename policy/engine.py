@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import PurePath
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from .addresses import embedded_ipv4, in_networks, non_public_reason
 from .errors import InvalidHost
 from .hosts import MAX_HOST_TEXT, Host, IPAddress, normalize_host
 from .model import SCOPES
 from .patterns import Kind, Pattern
+
+if TYPE_CHECKING:
+    from .requests import RequestPolicy
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -57,6 +60,14 @@ class Reason(StrEnum):
     HEADER_TIMEOUT = "header_timeout"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     INTERNAL_ERROR = "internal_error"  # a fault in the proxy: refused, never let through
+    UPSTREAM_TLS_ERROR = "upstream_tls_error"  # an intercepted origin's TLS did not verify
+    # Request rules (policy.requests), on hosts the domain rules allowed:
+    REQUEST_RULE = "request_rule"  # a request rule (or request_default = "allow") allowed it
+    REQUEST_DENIED = "request_denied"  # a deny request rule matched
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # rules cover the path, not with this method
+    PATH_NOT_ALLOWED = "path_not_allowed"  # no request rule for the host covers the path
+    READ_ONLY = "read_only"  # a read_only host: only GET, HEAD, OPTIONS
+    UNRESTRICTED = "unrestricted"  # no request rule covers the host: its domain rule decides
 
 
 class Rule(NamedTuple):
@@ -92,12 +103,29 @@ class Rule(NamedTuple):
         return f"{PurePath(self.source).name} ({self.layer}): {self.key}"
 
 
+class RuleLike(Protocol):
+    """What a decision needs of its rule: a domain Rule or a request rule (policy.requests)."""
+
+    @property
+    def action(self) -> Action: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def layer(self) -> str: ...
+    @property
+    def origin(self) -> str: ...
+    @property
+    def short_origin(self) -> str: ...
+
+
 class Decision(NamedTuple):
     action: Action
     reason: Reason
     host: str
     port: int
-    rule: Rule | None = None
+    rule: RuleLike | None = None
     detail: str = ""
     layer: str = ""  # which policy layer decided: "managed", "user", or "" (default, checks)
 
@@ -124,6 +152,9 @@ class Decision(NamedTuple):
                 return "matches no rule; the policy's default is allow"
             case Reason.NOT_ALLOWLISTED:
                 return "not on the allowlist (the policy's default is deny)"
+            case (Reason.REQUEST_RULE | Reason.REQUEST_DENIED | Reason.READ_ONLY
+                  | Reason.NEEDS_APPROVAL) if self.detail:
+                return f"{self.detail} {rule.text!r} ({origin})" if rule else self.detail
             case Reason.NEEDS_APPROVAL:
                 return "not on the allowlist; needs a person's approval"
             case Reason.APPROVED | Reason.DENIED_BY_APPROVER:
@@ -314,6 +345,9 @@ class Settings:
     max_connections_per_client: int = 256
     max_pending: int = 100  # held approvals, all agents together
     max_pending_per_agent: int = 20
+    explain_https: bool = False  # refused HTTPS answered over TLS with the proxy's CA
+    upstream_ca_file: str | None = None  # trust for intercepted origins, instead of the system's
+    request_default: Action = Action.DENY  # a request to a restricted host no rule matches
 
     def agent_for(self, address: IPAddress) -> str | None:
         """The configured agent name for a client address, if any."""
@@ -354,10 +388,15 @@ class CompiledPolicy:
     loader (policy.layering); never mutated after.
     """
 
-    __slots__ = ("layers", "settings", "problems", "warnings", "_allow_layers", "_cache")
+    __slots__ = ("layers", "settings", "problems", "warnings", "requests", "_allow_layers",
+                 "_cache")
 
     def __init__(self, layers: Sequence[Layer], settings: Settings,
-                 problems: Sequence[str] = (), warnings: Sequence[str] = ()) -> None:
+                 problems: Sequence[str] = (), warnings: Sequence[str] = (),
+                 requests: RequestPolicy | None = None) -> None:
+        from .requests import RequestPolicy  # it builds on this module's types
+
+        self.requests = requests or RequestPolicy((), settings.request_default)
         self.layers = tuple(layers)
         self.settings = settings
         # Requirement violations that were reported and not applied (errors.Problem).
@@ -485,6 +524,19 @@ class CompiledPolicy:
             if rule is not None:
                 return rule
         return None
+
+    @property
+    def interception_configured(self) -> bool:
+        """Whether any host's TLS is opened: request rules, read_only, explain_https."""
+        return self.requests.configured or self.settings.explain_https
+
+    def intercepts(self, host: str, port: int) -> bool:
+        """Whether a tunnel to this (allowed) host is intercepted to decide its requests."""
+        return self.requests.intercepts(host, port)
+
+    def decide_request(self, host: str, port: int, method: str, target: str) -> Decision:
+        """Method and path on a host the domain rules allowed (policy.requests)."""
+        return self.requests.decide(host, port, method, target)
 
     def resolve_override(self, host: str) -> IPAddress | None:
         """The static address configured for a (normalised) host, if any."""

@@ -8,6 +8,7 @@ out; the rest of the user policy still applies.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 from .engine import Action, CompiledPolicy, Layer, Rule, Settings, TelemetryPolicy
@@ -15,6 +16,8 @@ from .errors import InvalidPattern, PolicyError, Problem
 from .hosts import normalize_host
 from .patterns import parse_pattern
 from .presets import presets
+from .request_layering import bounded_user_layer, compile_request_layer, request_settings
+from .requests import RequestLayer, RequestPolicy
 from .source import ParsedFile, locate
 
 _STRICTNESS = {"allow": 0, "ask": 1, "deny": 2}
@@ -61,6 +64,7 @@ class _CompiledRules(NamedTuple):
     allow: list[Rule]
     deny: list[Rule]
     raw_tcp: list[Rule]
+    requests: RequestLayer
 
 
 def _compile_layer(parsed: ParsedFile, name: str) -> _CompiledRules:
@@ -68,9 +72,10 @@ def _compile_layer(parsed: ParsedFile, name: str) -> _CompiledRules:
     allow = _rules(parsed, name, Action.ALLOW, problems)
     deny = _rules(parsed, name, Action.DENY, problems)
     raw_tcp = _rules(parsed, name, Action.ALLOW, problems, "raw_tcp")
+    requests = compile_request_layer(parsed, name, problems)
     if problems:
-        raise PolicyError(parsed.source, problems)
-    return _CompiledRules(allow, deny, raw_tcp)
+        raise PolicyError(parsed.source, sorted(problems, key=lambda p: p.line or 0))
+    return _CompiledRules(allow, deny, raw_tcp, requests)
 
 
 def compile_layers(user: ParsedFile, managed: ParsedFile | None,
@@ -81,6 +86,7 @@ def compile_layers(user: ParsedFile, managed: ParsedFile | None,
         violations.add("requirements", "only the managed policy may set [requirements]")
     user_rules = _compile_layer(user, "user")
     user_allow, user_raw_tcp = user_rules.allow, user_rules.raw_tcp
+    request_layers = [user_rules.requests]
     layers: list[Layer] = []
     if managed is not None:
         managed_rules = _compile_layer(managed, "managed")
@@ -89,9 +95,13 @@ def compile_layers(user: ParsedFile, managed: ParsedFile | None,
         layers.append(managed_layer)
         user_allow = _bounded_user_rules(user_allow, managed, managed_layer, violations)
         user_raw_tcp = _bounded_user_rules(user_raw_tcp, managed, managed_layer, violations)
-    settings = _effective_settings(user, managed, resolve, violations)
+        request_layers = [managed_rules.requests, bounded_user_layer(
+            user_rules.requests, managed_rules.requests, violations.add)]
+    settings = replace(_effective_settings(user, managed, resolve, violations),
+                       **request_settings(user, managed, violations.add))
     layers.append(Layer.build("user", user.source, user_allow, user_rules.deny, user_raw_tcp))
-    return CompiledPolicy(layers, settings, violations.messages, _shadowed_allows(layers))
+    return CompiledPolicy(layers, settings, violations.messages, _shadowed_allows(layers),
+                          RequestPolicy(request_layers, settings.request_default))
 
 
 def _shadowed_allows(layers: list[Layer]) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
 
+from .paths import parse_path_glob
 from .presets import presets
 
 
@@ -73,6 +74,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# RFC 9110 and the WebDAV methods; a typo ("GTE") in a rule would otherwise match nothing.
+HTTP_METHODS = frozenset({
+    "GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "TRACE", "PATCH", "PROPFIND",
+    "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT", "SEARCH", "QUERY"})
+
+
+def _method(name: str) -> str:
+    if name not in HTTP_METHODS:
+        hint = f"; methods are upper case: {name.upper()!r}" if (
+            name.upper() in HTTP_METHODS) else ""
+        raise ValueError(f"unknown HTTP method {name!r}{hint} (known: "
+                         f"{', '.join(sorted(HTTP_METHODS))})")
+    return name
+
+
+Method = Annotated[str, AfterValidator(_method)]
+
+
+def _path_glob(text: str) -> str:
+    try:
+        parse_path_glob(text)
+    except ValueError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+PathGlobText = Annotated[str, AfterValidator(_path_glob)]
+
+
+class RequestRuleSettings(_Strict):
+    """One [[network.requests]] table: methods and paths on hosts that are already allowed."""
+
+    host: str
+    methods: list[Method] | None = Field(default=None, min_length=1)  # None: any method
+    paths: list[PathGlobText] | None = Field(default=None, min_length=1)  # None: any path
+    action: DefaultAction
+
+
 class NetworkSettings(_Strict):
     default: DefaultAction = "ask"
     allow: list[str] = []
@@ -85,6 +124,12 @@ class NetworkSettings(_Strict):
     allow_ech: bool = False  # TLS with an encrypted ClientHello (its real name is hidden)
     header_timeout: float = Field(default=30.0, gt=0, le=3600)
     max_connections_per_client: int = Field(default=256, ge=1, le=65536)
+    requests: list[RequestRuleSettings] = []
+    read_only: list[str] = []  # patterns: only GET, HEAD and OPTIONS are sent to these hosts
+    request_default: DefaultAction = "deny"  # on a host with request rules, none matching
+    passthrough: list[str] = []  # patterns never intercepted (certificate-pinned clients)
+    explain_https: bool = False  # answer refused HTTPS over TLS (clients trust the CA)
+    upstream_ca_file: str | None = None  # PEM trust for intercepted origins (default: system)
 
 
 class ApprovalSettings(_Strict):

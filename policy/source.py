@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 from .model import PolicyFile
 
 _HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
+_ARRAY_HEADER = re.compile(r"^\s*\[\[\s*([^\[\]]+?)\s*\]\]\s*(?:#.*)?$")
 _KEY = re.compile(r"""^\s*(?:"([^"]+)"|'([^']+)'|([A-Za-z0-9_.-]+))\s*=""")
 
 
@@ -26,6 +27,8 @@ class ParsedFile(NamedTuple):
 
 def locate(text: str, loc: tuple[Any, ...], value: str | None = None) -> int | None:
     """Best-effort line number of a key (and list item) in TOML text; None when unsure."""
+    if (in_array := _locate_in_array_table(text, loc, value)) is not None:
+        return in_array
     names = [part for part in loc if not isinstance(part, int)]
     table, found = "", None
     for number, line in enumerate(text.splitlines(), start=1):
@@ -48,3 +51,32 @@ def locate(text: str, loc: tuple[Any, ...], value: str | None = None) -> int | N
             if any(q in line for q in quoted):
                 return number
     return found
+
+
+def _locate_in_array_table(text: str, loc: tuple[Any, ...], value: str | None) -> int | None:
+    """A key inside the Nth [[table]] (like network.requests[2].paths), or None."""
+    cut = next((i for i, part in enumerate(loc) if isinstance(part, int)), None)
+    if cut is None:
+        return None
+    lines = text.splitlines()
+    array = ".".join(str(part) for part in loc[:cut])
+    starts = [number for number, line in enumerate(lines, start=1)
+              if (m := _ARRAY_HEADER.match(line)) and m.group(1).replace(" ", "") == array]
+    if loc[cut] >= len(starts):
+        return None
+    start = starts[loc[cut]]
+    rest = loc[cut + 1:]
+    if not rest:
+        return start
+    for number in range(start + 1, len(lines) + 1):
+        line = lines[number - 1]
+        if line.lstrip().startswith("["):
+            break
+        key = _KEY.match(line)
+        if key and next(group for group in key.groups() if group) == rest[0]:
+            if value is not None and len(rest) > 1:
+                quoted = (f'"{value}"', f"'{value}'")
+                return next((n for n in range(number, len(lines) + 1)
+                             if any(q in lines[n - 1] for q in quoted)), number)
+            return number
+    return start

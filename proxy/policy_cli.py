@@ -29,11 +29,12 @@ def add_parsers(commands: Any) -> None:
     check.add_argument("file", metavar="FILE")
     explain_cmd = policy_commands.add_parser(
         "explain", help="show the decision for a destination and why",
-        description="Show the decision for HOST[:PORT] (port 443 when omitted), the rule that "
+        description="Show the decision for HOST[:PORT] (port 443 when omitted), or for a "
+                    "request, METHOD https://HOST/PATH (the request rules too), the rule that "
                     "matched and why, with the policy files serve would use, and the addresses "
                     "the name resolves to and their check, as the proxy does. Exit status: "
                     "0 allowed, 1 denied or needs approval, 2 bad input.")
-    explain_cmd.add_argument("target", metavar="HOST[:PORT]")
+    explain_cmd.add_argument("target", metavar="HOST[:PORT] | METHOD URL", nargs="+")
     explain_cmd.add_argument("--config", metavar="FILE",
                              help="user policy (default: as serve picks it: "
                                   "$XDG_CONFIG_HOME/agent-egress/policy.toml if present, else "
@@ -94,6 +95,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain
 
+    if len(args.target) > 2:
+        print("agent-egress: explain takes HOST[:PORT] or METHOD URL "
+              "(e.g. POST https://api.github.com/repos)", file=sys.stderr)
+        return EXIT_USAGE
+    args.target = " ".join(args.target)
     try:
         if args.running:
             with ApprovalClient(find_socket(args.approval_socket), timeout=15) as client:
@@ -130,6 +136,14 @@ def _print_explanation(result: dict[str, Any]) -> None:
                     f"allow {verdict['allow']!r}" if verdict["allow"] else "no rule")
             print(f"    {printable(verdict['layer']):<8} {printable(said)}  "
                   f"({printable(verdict['source'])})")
+    if request := result.get("request"):
+        print(f"  request: {printable(request['method'])} {printable(request['path'])}  "
+              f"{printable(str(request['decision']).upper())} ({printable(request['reason'])})")
+        if request["explanation"] != result["explanation"]:
+            print(f"    why:  {printable(request['explanation'])}")
+    if "intercepted" in result:
+        print("  tls:    " + ("intercepted to decide each request (request rules)"
+                             if result["intercepted"] else "passed through untouched"))
     if result.get("address"):
         others = len(result.get("addresses") or ()) - 1
         print(f"  address: {printable(result['address'])} "
@@ -161,11 +175,22 @@ def cmd_show(args: argparse.Namespace) -> int:
             "approval_scopes": sorted(settings.approval_scopes),
             "managed_allowed_domains_only": settings.managed_allowed_domains_only,
             "telemetry_required": settings.telemetry_required,
+            "request_default": settings.request_default.value,
+            "explain_https": settings.explain_https,
+            "upstream_ca_file": settings.upstream_ca_file,
         },
         "rules": [
             {"action": rule.action.value, "pattern": rule.text, "layer": rule.layer,
              "origin": rule.origin}
             for layer in policy.layers for rule in (*layer.deny_rules, *layer.allow_rules)
+        ],
+        "request_rules": [
+            {"rule": rule.text, "layer": rule.layer, "origin": rule.origin}
+            for layer in policy.requests.layers for rule in (*layer.rules, *layer.read_only)
+        ],
+        "passthrough": [
+            {"pattern": rule.text, "layer": rule.layer, "origin": rule.origin}
+            for layer in policy.requests.layers for rule in layer.passthrough
         ],
         "not_applied": list(policy.problems),
         "warnings": list(policy.warnings),
@@ -192,6 +217,12 @@ def _print_policy(data: dict[str, Any]) -> None:
     for rule in data["rules"]:
         print(f"  {printable(rule['action']):<5} {printable(rule['pattern']):<40} "
               f"{printable(rule['origin'])}")
+    if data["request_rules"]:
+        print("request rules (on allowed hosts; the strictest layer's verdict stands):")
+        for rule in data["request_rules"]:
+            print(f"  {printable(rule['rule']):<46} {printable(rule['origin'])}")
+    for rule in data["passthrough"]:
+        print(f"  passthrough {printable(rule['pattern']):<34} {printable(rule['origin'])}")
     if data["not_applied"]:
         print("not applied:")
         for problem in data["not_applied"]:
