@@ -13,16 +13,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import PurePath
 from types import MappingProxyType
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from .addresses import embedded_ipv4, in_networks, non_public_reason
 from .errors import InvalidHost
 from .hosts import MAX_HOST_TEXT, Host, IPAddress, normalize_host
 from .model import SCOPES
 from .patterns import Kind, Pattern
-
-if TYPE_CHECKING:
-    from .requests import RequestPolicy
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -376,6 +373,15 @@ class Layer(NamedTuple):
                    tuple(deny), RuleIndex.build(raw_tcp), tuple(raw_tcp))
 
 
+class RequestRules(Protocol):
+    """Request-level rules (policy.requests.RequestPolicy, which builds on this module)."""
+
+    @property
+    def configured(self) -> bool: ...
+    def intercepts(self, host: str, port: int) -> bool: ...
+    def decide(self, host: str, port: int, method: str, target: str) -> Decision: ...
+
+
 _CACHE_LIMIT = 65536
 _DEFAULT_REASON = {Action.ALLOW: Reason.DEFAULT, Action.DENY: Reason.NOT_ALLOWLISTED,
                    Action.ASK: Reason.NEEDS_APPROVAL}
@@ -393,10 +399,8 @@ class CompiledPolicy:
 
     def __init__(self, layers: Sequence[Layer], settings: Settings,
                  problems: Sequence[str] = (), warnings: Sequence[str] = (),
-                 requests: RequestPolicy | None = None) -> None:
-        from .requests import RequestPolicy  # it builds on this module's types
-
-        self.requests = requests or RequestPolicy((), settings.request_default)
+                 requests: RequestRules | None = None) -> None:
+        self.requests = requests  # None: no request rules (policy.requests.RequestPolicy)
         self.layers = tuple(layers)
         self.settings = settings
         # Requirement violations that were reported and not applied (errors.Problem).
@@ -528,14 +532,18 @@ class CompiledPolicy:
     @property
     def interception_configured(self) -> bool:
         """Whether any host's TLS is opened: request rules, read_only, explain_https."""
-        return self.requests.configured or self.settings.explain_https
+        configured = self.requests is not None and self.requests.configured
+        return configured or self.settings.explain_https
 
     def intercepts(self, host: str, port: int) -> bool:
         """Whether a tunnel to this (allowed) host is intercepted to decide its requests."""
-        return self.requests.intercepts(host, port)
+        return self.requests is not None and self.requests.intercepts(host, port)
 
     def decide_request(self, host: str, port: int, method: str, target: str) -> Decision:
         """Method and path on a host the domain rules allowed (policy.requests)."""
+        if self.requests is None:
+            return Decision(Action.ALLOW, Reason.UNRESTRICTED, host, port,
+                            detail=f"no request rule covers {host}")
         return self.requests.decide(host, port, method, target)
 
     def resolve_override(self, host: str) -> IPAddress | None:

@@ -12,6 +12,7 @@ from typing import Any
 from agent_egress.policy import BUILTIN, CompiledPolicy, InvalidHost, PolicyError, load_policy
 from agent_egress.policy.files import DEFAULT_MANAGED_PATH
 from agent_egress.policy.presets import presets
+from agent_egress.policy.requests import RequestPolicy
 
 from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
@@ -164,6 +165,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             _print_running(running)
         return EXIT_USAGE
     settings = policy.settings
+    requests = policy.requests
+    request_layers = requests.layers if isinstance(requests, RequestPolicy) else ()
     data = {
         "layers": [{"layer": layer.name, "source": layer.source} for layer in policy.layers],
         "settings": {
@@ -186,11 +189,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         ],
         "request_rules": [
             {"rule": rule.text, "layer": rule.layer, "origin": rule.origin}
-            for layer in policy.requests.layers for rule in (*layer.rules, *layer.read_only)
+            for layer in request_layers for rule in (*layer.rules, *layer.read_only)
         ],
         "passthrough": [
             {"pattern": rule.text, "layer": rule.layer, "origin": rule.origin}
-            for layer in policy.requests.layers for rule in layer.passthrough
+            for layer in request_layers for rule in layer.passthrough
         ],
         "not_applied": list(policy.problems),
         "warnings": list(policy.warnings),
