@@ -10,7 +10,7 @@ from importlib.metadata import version
 
 from agent_egress.policy import PolicyError
 
-from . import approval_cli, launch, policy_cli, report_cli, run, serve_cli
+from . import approval_cli, ca_cli, launch, policy_cli, report_cli, run, serve_cli
 from .approval_client import ApprovalClientError
 from .textsafe import printable_lines
 
@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_parsers(commands)
     report_cli.add_parsers(commands)
     policy_cli.add_parsers(commands)
+    ca_cli.add_parsers(commands)
     return parser
 
 

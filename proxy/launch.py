@@ -5,30 +5,48 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from agent_egress.policy import load_policy
+
 from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
+from .ca import CAError, LocalCA, data_dir
+from .ca_cli import add_ca_dir_option, local_ca
+from .paths import managed_policy_file, user_policy_file
 from .textsafe import printable
+from .trust import ca_environment, write_trust
 
-CA_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "PIP_CERT",
-                "GIT_SSL_CAINFO", "CURL_CA_BUNDLE")
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
-def proxy_environment(url: str, ca_file: str | None = None) -> dict[str, str]:
+def proxy_environment(url: str) -> dict[str, str]:
     """The variables an agent process needs (no NO_PROXY exceptions: everything goes through)."""
     env = {}
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         env[name] = env[name.lower()] = url
     env["NO_PROXY"] = env["no_proxy"] = ""
-    if ca_file:
-        env.update({name: ca_file for name in CA_VARIABLES})
     return env
+
+
+def interception_configured(config: str | None, managed: str | None) -> bool:
+    """Whether the policy files a proxy would use (as serve picks them) open any TLS."""
+    policy = load_policy(user_policy_file(config), managed=managed_policy_file(managed))
+    return policy.interception_configured
+
+
+def trust_environment(ca: LocalCA, directory: Path,
+                      environ: Mapping[str, str]) -> dict[str, str]:
+    """The CA variables, pointing at a bundle of the user's trust plus the CA, written in
+    ``directory``; raises CAError."""
+    bundle, certificate = write_trust(ca, directory, environ)
+    return ca_environment(bundle, certificate)
 
 
 def with_agent(url: str, agent_id: str | None) -> str:
@@ -71,7 +89,15 @@ def cmd_env(args: argparse.Namespace) -> int:
         except ApprovalClientError:
             url = None
     url = url or DEFAULT_URL
-    env = proxy_environment(with_agent(url, args.agent_id), args.ca_file)
+    env = proxy_environment(with_agent(url, args.agent_id))
+    try:
+        if args.ca_file:
+            env.update(ca_environment(Path(args.ca_file), Path(args.ca_file)))
+        elif interception_configured(args.config, args.managed):
+            env.update(trust_environment(local_ca(args), data_dir() / "trust", os.environ))
+    except CAError as exc:
+        print(f"agent-egress env: {printable(exc)}", file=sys.stderr)
+        return 1
     sys.stdout.write(format_environment(env, args.shell))
     if args.no_check or proxy_answers(url):
         return 0
@@ -121,14 +147,19 @@ def add_parsers(commands: Any) -> None:
         "env", help="print the environment an agent process needs",
         description="Print HTTP_PROXY, HTTPS_PROXY, ALL_PROXY (and lower-case twins) and an "
                     "empty NO_PROXY for the running proxy (or --proxy URL, default "
-                    f"{DEFAULT_URL}).")
+                    f"{DEFAULT_URL}). When the policy (--config/--managed, picked as serve "
+                    "picks them) intercepts TLS, also the CA variables common tools read, "
+                    "pointing at a bundle of the trust you had plus the local CA "
+                    "(docs/interception.md).")
     env.add_argument("--shell", choices=("bash", "fish", "powershell", "dotenv"),
                      default="bash")
     env.add_argument("--proxy", metavar="URL", help="proxy URL (default: the running proxy)")
     env.add_argument("--agent-id", metavar="ID", help="name the agent in the proxy URL")
+    env.add_argument("--config", metavar="FILE", help="user policy (default: as serve)")
+    env.add_argument("--managed", metavar="FILE", help="managed policy (default: as serve)")
     env.add_argument("--ca-file", metavar="FILE",
-                     help="also set the CA bundle variables common tools read (for policies "
-                          "that intercept TLS)")
+                     help="set the CA variables to this bundle instead of writing one")
+    add_ca_dir_option(env)
     add_socket_option(env)
     env.set_defaults(handler=cmd_env)
     env.add_argument("--no-check", action="store_true",

@@ -7,17 +7,23 @@ import argparse
 import os
 import pwd
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent_egress.policy import PolicyError
+
 from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
-from .launch import proxy_environment, with_agent
+from .ca import CAError
+from .ca_cli import add_ca_dir_option, local_ca
+from .launch import interception_configured, proxy_environment, trust_environment, with_agent
 from .paths import managed_policy_file, run_socket_path, user_policy_file
 from .textsafe import printable
 
@@ -43,6 +49,10 @@ def add_parsers(commands: Any) -> None:
     run.add_argument("--audit-log", metavar="FILE", help="audit log for the started proxy")
     run.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:0",
                      help="listen address for the started proxy (default: a free port)")
+    run.add_argument("--no-explain-https", action="store_true",
+                     help="do not answer refused HTTPS over TLS with the reason (by default "
+                          "run does: it gives the command the CA variables)")
+    add_ca_dir_option(run)
     add_socket_option(run)
     run.set_defaults(handler=cmd_run)
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
@@ -92,9 +102,12 @@ def _start_proxy(args: argparse.Namespace, socket_path: Path,
                "--approval-socket", str(socket_path)]
     for option, value in (("--config", args.config), ("--managed", args.managed),
                           ("--audit-log", args.audit_log),
-                          ("--agent-uid", agent.uid if agent else None)):
+                          ("--agent-uid", agent.uid if agent else None),
+                          ("--ca-dir", args.ca_dir)):
         if value is not None:
             command += [option, str(value)]
+    if not args.no_explain_https:
+        command.append("--explain-https")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=sys.stderr, text=True,
                                stdin=subprocess.DEVNULL)
     assert process.stdout is not None
@@ -165,6 +178,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"agent-egress run: {exc}", file=sys.stderr)
         return 2
     env = {**os.environ, **proxy_environment(with_agent(url, args.agent_id))}
+    trust_dir = None
+    try:
+        if (not args.join and not args.no_explain_https) or interception_configured(
+                args.config, args.managed):
+            trust_dir = Path(tempfile.mkdtemp(prefix="agent-egress-trust-"))
+            env.update(trust_environment(local_ca(args), trust_dir, os.environ))
+    except (CAError, PolicyError, OSError) as exc:
+        print(f"agent-egress run: cannot give the command the CA: {printable(exc)}",
+              file=sys.stderr)
+        _stop(started)
+        return 2
     options: dict[str, Any] = {}
     if agent is not None:
         env.update(agent.environment())
@@ -183,9 +207,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 child.send_signal(signal.SIGINT)  # let the agent decide how to stop
         return status if status >= 0 else 128 - status
     finally:
-        if started is not None:  # only a proxy this run started is stopped
-            started.send_signal(signal.SIGTERM)
-            try:
-                started.wait(15)
-            except subprocess.TimeoutExpired:
-                started.kill()
+        _stop(started)
+        if trust_dir is not None:
+            shutil.rmtree(trust_dir, ignore_errors=True)
+
+
+def _stop(started: subprocess.Popen[str] | None) -> None:
+    if started is not None:  # only a proxy this run started is stopped
+        started.send_signal(signal.SIGTERM)
+        try:
+            started.wait(15)
+        except subprocess.TimeoutExpired:
+            started.kill()

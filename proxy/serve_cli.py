@@ -58,6 +58,13 @@ def add_parsers(commands: Any) -> None:
     serve.add_argument("--managed-owner", metavar="UID", type=int, action="append", default=[],
                        help="an admin uid besides root that may own the managed policy "
                             "(repeatable); a managed file anyone else can change is refused")
+    serve.add_argument("--explain-https", action="store_true",
+                       help="answer refused HTTPS over TLS with the reason, as if the policy "
+                            "said network.explain_https = true (clients must trust the CA; "
+                            "'run' sets this)")
+    serve.add_argument("--ca-dir", metavar="DIR", type=Path,
+                       help="the local CA for intercepted hosts (default: "
+                            "$XDG_DATA_HOME/agent-egress/ca)")
     add_socket_option(serve)
     serve.set_defaults(handler=cmd_serve)
 
@@ -97,7 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  audit_log=args.audit_log, resolve=args.resolve,
                  socket_path=args.approval_socket or default_socket_path(),
                  approver_uids=args.approver_uid, agent_uid=args.agent_uid,
-                 managed_owners=args.managed_owner, extra={"dns_timeout": args.dns_timeout})
+                 managed_owners=args.managed_owner, extra={"dns_timeout": args.dns_timeout},
+                 ca_directory=args.ca_dir, explain_https=args.explain_https)
 
 
 def _serve_preflight(args: argparse.Namespace) -> tuple[int | None, Telemetry | None]:
