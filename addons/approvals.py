@@ -30,30 +30,15 @@ from agent_egress.policy import (
     normalize_host,
     split_host_port,
 )
-from mitmproxy import connection, http
-from mitmproxy.connection import ConnectionState
+from mitmproxy import http
 
 from . import connections
 from .auditlog import AuditLog
 from .events import client_text
-from .pending import ApprovalError, Pending, Verdict, Waiter
+from .pending import ApprovalError, Pending, Verdict, Waiter, client_gone, owners_of
 
 _PENDING_ID = re.compile(r"[0-9a-f]{8}")
 _CLIENT_CHECK_INTERVAL = 0.25
-
-
-def _client_gone(client: connection.Client) -> bool:
-    # Reading is paused while a request is held, so mitmproxy may not have seen the end of
-    # the stream yet: the socket is asked directly.
-    return not client.state & ConnectionState.CAN_READ or connections.peer_closed(client)
-
-
-def _owners(flow: http.HTTPFlow, agent: str | None) -> tuple[str, ...]:
-    """Whom a request's pending approval counts against: its client (all of loopback as one;
-    not the port: every connection would be a client of its own), and its agent name too.
-    Both, so a new name per request does not reset the count."""
-    client = f"client {connections.client_key(flow.client_conn)}"
-    return (client, f"agent {agent}") if agent else (client,)
 
 
 class Approvals:
@@ -67,9 +52,10 @@ class Approvals:
         self.audit = audit
         self.write_rule = write_rule
         self.reload_policy = reload_policy
-        self.pending: dict[tuple[str, int], Pending] = {}
+        self.pending: dict[tuple[str, int, str], Pending] = {}  # (host, port, request) -> ...
         self._by_id: dict[str, Pending] = {}
         self._session: dict[str, dict[int | None, Verdict]] = {}  # host -> port|None -> verdict
+        self._session_requests: dict[tuple[str, int, str], Verdict] = {}  # request-level asks
         self._per_owner: Counter[str] = Counter()
         self._subscribers: set[Callable[[dict[str, Any]], None]] = set()
         self._watcher: asyncio.Task[None] | None = None
@@ -77,7 +63,11 @@ class Approvals:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def session_verdict(self, host: str, port: int) -> Verdict | None:
+    def session_verdict(self, host: str, port: int, request: str = "") -> Verdict | None:
+        """A session decision for this destination (or, with ``request``, for this
+        "METHOD path" on it: an ask request rule)."""
+        if request:
+            return self._session_requests.get((host, port, request))
         ports = self._session.get(host)
         if not ports:
             return None
@@ -102,15 +92,15 @@ class Approvals:
     # -- holding ---------------------------------------------------------------------------
 
     def admit(self, flow: http.HTTPFlow, decision: Decision, agent: str | None,
-              max_pending: int, max_per_agent: int) -> Verdict | None:
+              max_pending: int, max_per_agent: int, request: str = "") -> Verdict | None:
         """A refusal if holding this request would open one pending approval too many.
 
         Call right before hold(), with no await between. A request for a destination already
         pending joins it: that is never refused, it adds no work for the person deciding.
         """
-        if (decision.host, decision.port) in self.pending:
+        if (decision.host, decision.port, request) in self.pending:
             return None
-        full = [owner for owner in _owners(flow, agent)
+        full = [owner for owner in owners_of(flow, agent)
                 if self._per_owner[owner] >= max_per_agent]
         if len(self.pending) >= max_pending:
             why = (f"{len(self.pending)} destinations already await a person's decision "
@@ -124,10 +114,13 @@ class Approvals:
             f"not asked about: {why}; retry once those are decided (agent-egress pending)"))
 
     async def hold(self, flow: http.HTTPFlow, decision: Decision, timeout: float,
-                   agent: str | None = None) -> Verdict | None:
-        """Wait for a person's verdict on this request; None if the client left first."""
+                   agent: str | None = None, asked: str = "") -> Verdict | None:
+        """Wait for a person's verdict on this request; None if the client left first.
+
+        ``asked`` ("METHOD /path") holds it for an ask request rule: one pending approval
+        per method and path, not per destination."""
         loop = asyncio.get_running_loop()
-        key = (decision.host, decision.port)
+        key = (decision.host, decision.port, asked)
         pending = self.pending.get(key)
         request = flow.request
         is_connect = request.method == "CONNECT"
@@ -138,8 +131,9 @@ class Approvals:
                 method=None if is_connect else request.method,
                 path=None if is_connect else request.path.split("?", 1)[0],
                 client=client_text(flow.client_conn) or "", agent=agent,
-                owners=_owners(flow, agent), opened=time.time(),
-                deadline=loop.time() + timeout,
+                owners=owners_of(flow, agent), opened=time.time(),
+                deadline=loop.time() + timeout, request=asked,
+                rule=decision.rule.text if asked and decision.rule else None,
             )
             self._per_owner.update(pending.owners)
             pending.timer = loop.call_at(pending.deadline, self._expire, pending)
@@ -147,7 +141,8 @@ class Approvals:
             self._by_id[pending.id] = pending
             self.audit.emit("approval.requested", approval_id=pending.id, host=pending.host,
                             port=pending.port, scheme=pending.scheme, method=pending.method,
-                            path=pending.path, client=pending.client, agent=agent)
+                            path=pending.path, client=pending.client, agent=agent,
+                            request_rule=pending.rule)
             event = "pending.opened"
         else:
             event = "pending.updated"
@@ -171,7 +166,7 @@ class Approvals:
         while self.pending:
             await asyncio.sleep(_CLIENT_CHECK_INTERVAL)
             for pending in list(self.pending.values()):
-                gone = [w for w in pending.waiters if _client_gone(w.client)]
+                gone = [w for w in pending.waiters if client_gone(w.client)]
                 if not gone:
                     continue
                 for waiter in gone:
@@ -181,7 +176,7 @@ class Approvals:
                 self._notify("pending.updated", pending)
 
     def _expire(self, pending: Pending) -> None:
-        if self.pending.get((pending.host, pending.port)) is not pending:
+        if self.pending.get(pending.key) is not pending:
             return
         if pending.waiters:
             verdict = Verdict(Action.DENY, "timeout", "timeout", pending.id)
@@ -205,7 +200,7 @@ class Approvals:
         pending.waiters.clear()
         if pending.timer is not None:
             pending.timer.cancel()
-        del self.pending[(pending.host, pending.port)]
+        del self.pending[pending.key]
         del self._by_id[pending.id]
         self._per_owner.subtract(pending.owners)
         for owner in pending.owners:
@@ -255,6 +250,10 @@ class Approvals:
         # requests held for it, then load the policy with the rule (whose reload releases
         # other held requests it now covers).
         written = None
+        if scope == "always" and any(p.request for p in matches):
+            raise ApprovalError("unsupported", "a request held by an ask request rule is "
+                                "decided once or for the session; to decide it always, add a "
+                                "[[network.requests]] rule to the policy (docs/policy.md)")
         if scope == "always":
             if self.write_rule is None or self.reload_policy is None:
                 raise ApprovalError("unsupported", "this proxy cannot write its policy file")
@@ -266,7 +265,10 @@ class Approvals:
         ids = []
         for pending in matches or [None]:
             verdict = Verdict(action, scope, actor, pending.id if pending else None)
-            if scope in ("session", "always"):
+            if pending is not None and pending.request:
+                if scope == "session":
+                    self._session_requests[pending.key] = verdict
+            elif scope in ("session", "always"):
                 self._session.setdefault(host, {})[pending.port if pending else port] = verdict
             self.audit.emit("approval.decided", approval_id=verdict.approval_id, host=host,
                             port=pending.port if pending else port, decision=decision,
@@ -292,8 +294,14 @@ class Approvals:
         """After a (re)load: the scopes approvers may use, and requests the new policy decides
         by rule are released to be re-decided by it."""
         self.allowed_scopes = policy.settings.approval_scopes
+        self._session_requests.clear()  # decided under rules that may have changed
         for pending in list(self.pending.values()):
-            if policy.decide(pending.host, pending.port).action is not Action.ASK:
+            if pending.request:
+                method, _, path = pending.request.partition(" ")
+                still = policy.decide_request(pending.host, pending.port, method, path)
+            else:
+                still = policy.decide(pending.host, pending.port)
+            if still.action is not Action.ASK:
                 self.audit.emit("approval.decided", approval_id=pending.id, host=pending.host,
                                 port=pending.port, scope="reload", actor="policy",
                                 released=len(pending.waiters))

@@ -20,17 +20,22 @@ from agent_egress.policy import (
     Reason,
     default_user_policy_path,
     load_policy,
-    normalize_host,
 )
 from agent_egress.policy.files import files_signature
 from mitmproxy import ctx, exceptions, http
 
 from .approvals import Approvals
 from .auditlog import AuditLog
-from .events import decision_fields, request_fields
-from .httpchecks import host_header_mismatch, strip_upgrade, tunnel_target_mismatch
+from .events import decision_fields, interception_fields, request_fields
+from .httpchecks import (
+    host_header_mismatch,
+    implied_requests,
+    name_decided_host,
+    strip_upgrade,
+    tunnel_target_mismatch,
+)
 from .identity import agent_of
-from .pending import Verdict
+from .pending import Verdict, verdict_decision, verdict_fields
 from .pinning import UpstreamPinning
 from .refusals import blocked_response
 
@@ -38,34 +43,12 @@ logger = logging.getLogger(__name__)
 
 
 DECIDED = "agent_egress_decided"  # flow metadata: the policy let this request through
+REFUSAL = "agent_egress_refusal"  # flow metadata: the Decision a refused request was answered by
 
 
 def policy_files_signature() -> tuple[Any, ...]:
     """Which versions of the policy files the options name (see files_signature)."""
     return files_signature((ctx.options.policy_file, ctx.options.managed_policy_file))
-
-
-def _verdict_decision(held: Decision, verdict: Verdict, timeout: float) -> Decision:
-    if verdict.scope == "queue_full":
-        return held._replace(action=Action.DENY, reason=Reason.APPROVAL_QUEUE_FULL,
-                             detail=verdict.detail)
-    if verdict.scope == "timeout":
-        return held._replace(
-            action=Action.DENY, reason=Reason.APPROVAL_TIMEOUT,
-            detail=f"no decision within {timeout:g} s; the person supervising the agent can run "
-                   f"'agent-egress approve {held.host}:{held.port}', then retry")
-    if verdict.action is Action.ALLOW:
-        return held._replace(action=Action.ALLOW, reason=Reason.APPROVED,
-                             detail=f"approved by {verdict.actor} ({verdict.scope})")
-    return held._replace(action=Action.DENY, reason=Reason.DENIED_BY_APPROVER,
-                         detail=f"denied by {verdict.actor} ({verdict.scope})")
-
-
-def _verdict_fields(verdict: Verdict | None) -> dict[str, Any]:
-    if verdict is None:
-        return {}
-    return {"approval_id": verdict.approval_id, "approval_actor": verdict.actor,
-            "approval_scope": verdict.scope}
 
 
 class Enforcer:
@@ -201,28 +184,28 @@ class Enforcer:
         named = request.host
         await self._enforce(flow, named, request.port)
         if flow.response is None and flow.error is None and request.host_header is None:
-            # RFC 9112 3.2.2: what goes upstream names the host that was decided, so an
-            # origin never picks a site of its own (its default vhost) for a Host-less request.
-            name = normalize_host(named).name
-            default = 443 if request.scheme == "https" else 80
-            request.host_header = name if request.port == default else (
-                f"[{name}]:{request.port}" if ":" in name else f"{name}:{request.port}")
+            name_decided_host(request, named)
 
-    async def _ask(self, flow: http.HTTPFlow, held: Decision) -> tuple[Decision, Verdict] | None:
-        """A person's verdict for a destination no rule covers; None if the client left."""
+    async def _ask(self, flow: http.HTTPFlow, held: Decision,
+                   request: str = "") -> tuple[Decision, Verdict] | None:
+        """A person's verdict for a destination no rule covers (or, with ``request``, for a
+        request an ask request rule matched); None if the client left."""
         assert self.policy is not None
         settings = self.policy.settings
-        verdict = self.approvals.session_verdict(held.host, held.port) or self.approvals.admit(
-            flow, held, agent_of(flow), settings.max_pending, settings.max_pending_per_agent)
+        agent = agent_of(flow)
+        verdict = self.approvals.session_verdict(
+            held.host, held.port, request) or self.approvals.admit(
+            flow, held, agent, settings.max_pending, settings.max_pending_per_agent, request)
         if verdict is None:
             self.audit.emit("request.decided", **request_fields(flow),
-                            **{**decision_fields(held), "decision": "held"})
-            timeout = self.policy.settings.approval_timeout
-            verdict = await self.approvals.hold(flow, held, timeout, agent=agent_of(flow))
+                            **{**decision_fields(held), "decision": "held"},
+                            **interception_fields(flow))
+            verdict = await self.approvals.hold(flow, held, settings.approval_timeout,
+                                                agent=agent, asked=request)
             if verdict is None:
                 flow.kill()
                 return None
-        return _verdict_decision(held, verdict, self.policy.settings.approval_timeout), verdict
+        return verdict_decision(held, verdict, settings.approval_timeout), verdict
 
     async def _enforce(self, flow: http.HTTPFlow, host: str, port: int,
                        tunnel: bool = False) -> None:
@@ -268,9 +251,48 @@ class Enforcer:
                 flow.response = None  # logged as refused; audit mode lets it through
                 flow.metadata[DECIDED] = True
             return
+        if not tunnel and self.policy.intercepts(decision.host, port):
+            await self._enforce_request(flow, decision, address, verdict)
+            return
         flow.metadata[DECIDED] = True
         self.audit.emit("request.decided", **request_fields(flow), **decision_fields(decision),
-                        address=address, **_verdict_fields(verdict))
+                        address=address, **verdict_fields(verdict))
+
+    async def _enforce_request(self, flow: http.HTTPFlow, allowed: Decision, address: str | None,
+                               verdict: Verdict | None) -> None:
+        """Request rules and `read_only`, for a request to a host they cover (in an
+        intercepted tunnel, or plain HTTP): its method and path, after the host was allowed."""
+        assert self.policy is not None
+        request = flow.request
+        decision = self.policy.decide_request(allowed.host, allowed.port, request.method,
+                                              request.path)
+        asked = f"{request.method} {request.path.split('?', 1)[0]}"
+        for method, target, why in implied_requests(request) if decision.allowed else ():
+            then = self.policy.decide_request(allowed.host, allowed.port, method, target)
+            if not then.allowed:
+                asked, decision = f"{method} {target.split('?', 1)[0]}", then._replace(
+                    detail=f"{then.detail} ({why})")
+                break
+        if decision.action is Action.ASK and not self.auditing:
+            answer = await self._ask(flow, decision, asked)
+            if answer is None:
+                return
+            decision, verdict = answer
+            if verdict.scope == "reload":  # re-decided by the reloaded policy
+                await self._enforce_request(flow, allowed, address, None)
+                return
+        if decision.reason is Reason.UNRESTRICTED:
+            decision = allowed  # no request rule applies: the host's own rule is the reason
+        if not decision.allowed:
+            self._refuse(flow, decision, verdict)
+            if self.auditing:
+                flow.response = None
+                flow.metadata[DECIDED] = True
+            return
+        flow.metadata[DECIDED] = True
+        self.audit.emit("request.decided", **request_fields(flow), **decision_fields(decision),
+                        address=address, **verdict_fields(verdict),
+                        **interception_fields(flow))
 
     @property
     def auditing(self) -> bool:
@@ -285,8 +307,9 @@ class Enforcer:
             if decision.action is Action.ASK:
                 fields["decision"] = "held"
         self.audit.emit("request.decided", **request_fields(flow), **fields,
-                        **_verdict_fields(verdict))
-        flow.response = blocked_response(decision)
+                        **verdict_fields(verdict), **interception_fields(flow))
+        flow.response = blocked_response(decision, flow.request)
+        flow.metadata[REFUSAL] = decision
         request = flow.request
         if request.method != "CONNECT":
             # mitmproxy decided to stream a large body before this hook ran; a refused

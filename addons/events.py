@@ -11,7 +11,8 @@ from mitmproxy import http
 from .connections import address_text, client_text
 from .identity import agent_claimed, agent_of
 
-__all__ = ["address_text", "client_text", "decision_fields", "request_fields"]
+__all__ = ["address_text", "client_text", "decision_fields", "interception_fields",
+           "request_fields"]
 
 
 def decision_fields(decision: Decision) -> dict[str, Any]:
@@ -40,3 +41,10 @@ def request_fields(flow: http.HTTPFlow) -> dict[str, Any]:
         "agent": agent_of(flow),
         "agent_claimed": agent_claimed(flow),
     }
+
+
+def interception_fields(flow: http.HTTPFlow) -> dict[str, Any]:
+    """`intercepted: true` on the events of requests the proxy decrypted to decide."""
+    request = flow.request
+    intercepted = request.method != "CONNECT" and request.scheme == "https"
+    return {"intercepted": True} if intercepted else {}

@@ -69,3 +69,56 @@ def host_header_mismatch(request: http.Request) -> Decision | None:
     return Decision(Action.DENY, Reason.HOST_MISMATCH, request.host, request.port,
                     detail=f"the Host header ({header}) names another destination than "
                            f"the request ({request.host}:{request.port})")
+
+
+_GIT_SERVICES = ("git-receive-pack", "git-upload-pack")
+
+
+def git_announced_request(method: str, target: str) -> tuple[str, str] | None:
+    """The request a git smart-HTTP ref discovery announces: ``GET REPO/info/refs?service=
+    git-receive-pack`` is followed by ``POST REPO/git-receive-pack`` (a push).
+
+    Deciding the POST at discovery makes a refusal one git shows its user: git prints a
+    refused discovery's text/plain body as "remote:" lines, not a refused POST's."""
+    if method != "GET":
+        return None
+    path, _, query = target.partition("?")
+    if not path.endswith("/info/refs"):
+        return None
+    services = [value for name, _, value in (part.partition("=") for part in query.split("&"))
+                if name == "service"]
+    if len(services) != 1 or services[0] not in _GIT_SERVICES:
+        return None
+    return "POST", f"{path.removesuffix('/info/refs')}/{services[0]}"
+
+
+# Headers and a form field many frameworks read as the "real" method (Google APIs, Rails,
+# Laravel, Symfony): a GET to a read-only host must not be a DELETE to the application.
+_METHOD_OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override")
+
+
+def implied_requests(request: http.Request) -> list[tuple[str, str, str]]:
+    """Other requests this one stands for, each decided too: (method, target, why)."""
+    implied = []
+    if announced := git_announced_request(request.method, request.path):
+        implied.append((*announced, "git asked for it in its ref discovery"))
+    for name in _METHOD_OVERRIDES:
+        for value in request.headers.get_all(name):
+            implied.append((value.strip().upper()[:32] or "?", request.path,
+                            f"the {name} header asks for it"))
+    if request.method == "POST":
+        query = request.path.partition("?")[2]
+        for name, _, value in (part.partition("=") for part in query.split("&")):
+            if name == "_method":
+                implied.append((value.upper()[:32] or "?", request.path,
+                                "the _method parameter asks for it"))
+    return implied
+
+
+def name_decided_host(request: http.Request, named: str) -> None:
+    """RFC 9112 3.2.2: what goes upstream names the host that was decided, so an origin never
+    picks a site of its own (its default vhost) for a Host-less request."""
+    name = normalize_host(named).name
+    default = 443 if request.scheme == "https" else 80
+    request.host_header = name if request.port == default else (
+        f"[{name}]:{request.port}" if ":" in name else f"{name}:{request.port}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from agent_egress.policy import Reason
@@ -19,8 +20,18 @@ from mitmproxy import connection, http
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer, layers
 from mitmproxy.proxy.layers import modes
-from mitmproxy.proxy.layers.http import HTTPMode, ReceiveHttp, RequestData, RequestHeaders
+from mitmproxy.proxy.layers.http import (
+    HTTPMode,
+    ReceiveHttp,
+    RequestData,
+    RequestHeaders,
+    ResponseData,
+    ResponseEndOfMessage,
+    ResponseHeaders,
+    ResponseProtocolError,
+)
 from mitmproxy.proxy.layers.http._http1 import Http1Server
+from mitmproxy.proxy.layers.http._http2 import Http2Server
 
 from .auditlog import AuditLog
 from .connections import listen_ports
@@ -52,6 +63,15 @@ class GuardedHttp1Server(Http1Server):
     def __init__(self, context: Any, port: ProxyPort) -> None:
         super().__init__(context)
         self.port = port
+
+    def send(self, event: Any) -> layer.CommandGenerator[None]:
+        answer = self.port.failure_response(self.context.client, event)
+        if answer is None:
+            yield from super().send(event)
+            return
+        if self.response is None:  # nothing of another response has been sent
+            yield commands.SendData(self.conn, http1.assemble_response(answer))
+        yield commands.CloseConnection(self.conn)
 
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
         answered_400 = False
@@ -100,6 +120,24 @@ class GuardedHttp1Server(Http1Server):
             self.state = self.done
 
 
+class GuardedHttp2Server(Http2Server):
+    """mitmproxy's HTTP/2 server side (intercepted tunnels whose agent chose h2), answering
+    an upstream failure with the proxy's own response rather than mitmproxy's error page."""
+
+    def __init__(self, context: Any, port: ProxyPort) -> None:
+        super().__init__(context)
+        self.port = port
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        answer = self.port.failure_response(self.context.client, event)
+        if answer is None or not self.is_open_for_us(event.stream_id):
+            yield from super()._handle_event(event)
+            return
+        yield from super()._handle_event(ResponseHeaders(event.stream_id, answer))
+        yield from super()._handle_event(ResponseData(event.stream_id, answer.content or b""))
+        yield from super()._handle_event(ResponseEndOfMessage(event.stream_id))
+
+
 def _head_problem(request: http.Request) -> tuple[int, Reason, str] | None:
     """Why a parsed request head is refused: (status, reason, what), or None."""
     fields = request.headers.fields
@@ -125,8 +163,11 @@ def _is_proxy_port_stack(context: Any) -> bool:
 class ProxyPort:
     """Chooses the layer for what a client sends to the proxy port (tunnels: see Tunnels)."""
 
-    def __init__(self, audit: AuditLog) -> None:
+    def __init__(self, audit: AuditLog,
+                 upstream_failure: Callable[[connection.Client, str], http.Response | None]
+                 ) -> None:
         self.audit = audit
+        self.upstream_failure = upstream_failure  # the proxy's answer to a failed upstream
         self._discarded: weakref.WeakSet[http.Request] = weakref.WeakSet()
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
@@ -158,10 +199,19 @@ class ProxyPort:
                                            {"Content-Type": "application/json"})
 
     def http_layer(self, context: Any, mode: HTTPMode = HTTPMode.transparent) -> layer.Layer:
-        """mitmproxy's HTTP layer, with our guarded HTTP/1 server for the client side."""
+        """mitmproxy's HTTP layer, with our guarded HTTP/1 (or, after TLS that negotiated
+        it, HTTP/2) server for the client side."""
         http_layer = layers.HttpLayer(context, mode)
-        http_layer.connections[context.client] = GuardedHttp1Server(context.fork(), self)
+        server_class = GuardedHttp2Server if context.client.alpn == b"h2" else GuardedHttp1Server
+        http_layer.connections[context.client] = server_class(context.fork(), self)
         return http_layer
+
+    def failure_response(self, client: connection.Client, event: Any) -> http.Response | None:
+        """The proxy's own answer to an upstream failure (a 502 with its reason), if this
+        event reports one the proxy knows about."""
+        if not isinstance(event, ResponseProtocolError):
+            return None
+        return self.upstream_failure(client, event.message)
 
     def discard_body(self, request: http.Request) -> None:
         """Read and drop this (refused) request's body rather than buffer it."""

@@ -19,21 +19,31 @@ _X_PROXY_ERROR = {
 _PROXY_STATUS_ERROR = {
     Reason.PRIVATE_ADDRESS: "destination_ip_prohibited",
     Reason.DNS_ERROR: "dns_error",
+    Reason.UPSTREAM_TLS_ERROR: "tls_certificate_error",
 }
 
 
-_STATUS = {Reason.INVALID_HOST: 400}
+_STATUS = {Reason.INVALID_HOST: 400, Reason.UPSTREAM_TLS_ERROR: 502}
 
 
-def blocked_response(decision: Decision) -> http.Response:
+_REQUEST_REASONS = frozenset({Reason.METHOD_NOT_ALLOWED, Reason.PATH_NOT_ALLOWED,
+                              Reason.READ_ONLY, Reason.REQUEST_DENIED})
+
+
+def blocked_response(decision: Decision, request: http.Request | None = None) -> http.Response:
     """The 403 an agent sees: plain text it can show its user, plus machine-readable headers.
 
-    It names the rule and its file, never a path on the machine (the event keeps those)."""
+    It names the rule and its file, never a path on the machine (the event keeps those), and
+    for a request refused by request rules, the method and path (never the query)."""
     why = decision.explain(file_names_only=True)
+    asked = ""
+    if request is not None and request.method != "CONNECT":
+        asked = f"request: {request.method} {request.path.split('?', 1)[0][:200]}\n"
     body = (f"agent-egress blocked this request.\n"
-            f"destination: {decision.host}:{decision.port}\n"
+            f"destination: {decision.host}:{decision.port}\n{asked}"
             f"reason: {decision.reason.value}: {why}\n"
-            f"what to do: {_what_to_do(decision)} Do not try to reach it another way.\n")
+            f"what to do: {_what_to_do(decision, request)} Do not try to reach it another "
+            "way.\n")
     error = _PROXY_STATUS_ERROR.get(decision.reason, "http_request_denied")
     details = _quoted_header_text(why)
     return http.Response.make(_STATUS.get(decision.reason, 403), body, {
@@ -44,13 +54,25 @@ def blocked_response(decision: Decision) -> http.Response:
     })
 
 
-def _what_to_do(decision: Decision) -> str:
+def _what_to_do(decision: Decision, request: http.Request | None) -> str:
     """Advice that helps: for an address or DNS refusal, the policy is not the problem."""
     target = f"{decision.host}:{decision.port}"
+    if decision.reason in _REQUEST_REASONS and request is not None:
+        method, path = request.method, request.path.split("?", 1)[0][:200]
+        default = 443 if request.scheme == "https" else 80
+        url = (f"{request.scheme}://{decision.host}"
+               f"{'' if decision.port == default else f':{decision.port}'}{path}")
+        return (f"the destination is allowed, this request is not. If the task needs "
+                f"{method} {path} there, ask the person running the agent to change the "
+                f"request rules (see: agent-egress policy explain {method} {url}).")
     if decision.reason is Reason.PRIVATE_ADDRESS:
         return (f"{decision.host} resolves to a non-public address, which no allow rule "
                 "changes. If it is an internal service agents should reach, an administrator "
                 "can list its network in network.allowed_cidrs; otherwise check the name.")
+    if decision.reason is Reason.UPSTREAM_TLS_ERROR:
+        return (f"the proxy could not verify {target} over TLS, so nothing was sent to it. If "
+                "it is an internal service with its own CA, an administrator can name that CA "
+                "in network.upstream_ca_file; verification is never turned off.")
     if decision.reason is Reason.DNS_ERROR:
         return (f"the proxy could not look up {decision.host}: check the name (a typo?) and "
                 "the proxy's DNS; the policy is not the problem.")

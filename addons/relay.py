@@ -30,6 +30,7 @@ class Tunnel:
     bytes_down: int = 0
     protocol: str | None = None  # set once the layer is chosen: tls, http or tcp
     ech: bool = False  # the ClientHello carried an encrypted one (allowed by network.allow_ech)
+    intercepted: bool = False  # TLS terminated by the proxy, requests decided one by one
     deadline: asyncio.TimerHandle | None = None  # for the first bytes (or the first head)
 
     @property

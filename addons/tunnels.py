@@ -32,6 +32,7 @@ from . import connections
 from .auditlog import AuditLog
 from .events import client_text, decision_fields
 from .identity import agent_of
+from .intercept import Interception
 from .pinning import UpstreamPinning
 from .relay import CloseClient, CountingPassthrough, Tunnel
 from .sniff import HelloRetryWatch, Sniffed, sniff
@@ -49,19 +50,26 @@ class Tunnels:
 
     def __init__(self, audit: AuditLog, pinning: UpstreamPinning,
                  policy: Callable[[], CompiledPolicy | None],
-                 http_layer: Callable[[Any], layer.Layer]) -> None:
+                 http_layer: Callable[[Any], layer.Layer], interception: Interception) -> None:
         self.audit = audit
         self.pinning = pinning
         self.policy = policy
-        self.http_layer = http_layer  # HTTP/1 inside a tunnel: the proxy's guarded HTTP layer
+        self.http_layer = http_layer  # HTTP inside a tunnel: the proxy's guarded HTTP layer
+        self.interception = interception
         self._tunnels: dict[str, Tunnel] = {}  # client connection id -> its one tunnel
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
         # The enforcer pinned the CONNECT's host as this connection's tunnel.
         pin = self.pinning.tunnel(flow.client_conn)
-        if pin is None:
+        marked = self.interception.intercepted(flow.client_conn)
+        if pin is not None:
+            tunnel = Tunnel(flow.client_conn.peername, pin.name, pin.port, agent_of(flow))
+        elif marked is not None and marked.refusal is not None:
+            # A refused destination explained over TLS (explain_https): nothing is relayed.
+            tunnel = Tunnel(flow.client_conn.peername, marked.host, marked.port, agent_of(flow))
+        else:
             return  # no decision pinned this tunnel: next_layer will close it
-        tunnel = Tunnel(flow.client_conn.peername, pin.name, pin.port, agent_of(flow))
+        tunnel.intercepted = marked is not None
         self._tunnels[flow.client_conn.id] = tunnel
         policy = self.policy()
         timeout = policy.settings.header_timeout if policy else Settings.header_timeout
@@ -103,7 +111,9 @@ class Tunnels:
         if sniffed is None:
             self._replace(nextlayer, None)  # not enough bytes to be sure yet
             return
-        refusal = self._refusal(sniffed, tunnel)
+        marked = self.interception.intercepted(nextlayer.context.client)
+        explaining = marked is not None and marked.refusal is not None
+        refusal = self._refusal(sniffed, tunnel, explaining)
         if refusal is not None and not self._auditing():
             self._reject(nextlayer, tunnel, refusal, sniffed.sni)
             return
@@ -116,6 +126,9 @@ class Tunnels:
             tunnel.deadline = None
         if sniffed.protocol == "http":
             self._replace(nextlayer, self.http_layer(nextlayer.context))
+        elif sniffed.protocol == "tls" and tunnel.intercepted:
+            self._replace(nextlayer, self.interception.layers_for(
+                nextlayer.context, self.http_layer))
         elif sniffed.protocol == "tls":
             self._replace(nextlayer, CountingPassthrough(
                 nextlayer.context, tunnel, HelloRetryWatch(), self._judge_second_hello))
@@ -135,11 +148,17 @@ class Tunnels:
         self._log_refusal(tunnel, refusal, sniffed.sni)
         return False
 
-    def _refusal(self, sniffed: Sniffed, tunnel: Tunnel) -> Decision | None:
+    def _refusal(self, sniffed: Sniffed, tunnel: Tunnel,
+                 explaining: bool = False) -> Decision | None:
         """Why a tunnel's first bytes may not go on to its upstream; None when they may."""
         if sniffed.problem is not None:
             return self._decision(tunnel, Reason.TUNNEL_PROTOCOL,
                                   f"the tunnel to {tunnel.host} started with {sniffed.problem}")
+        if explaining:
+            # Nothing goes upstream: TLS or HTTP is answered with the refusal, the rest cut.
+            return None if sniffed.protocol in ("tls", "http") else self._decision(
+                tunnel, Reason.TUNNEL_PROTOCOL, f"the refused tunnel to {tunnel.host} carries "
+                                                "neither TLS nor HTTP/1")
         if sniffed.ech and not self._allows_ech():
             return self._decision(
                 tunnel, Reason.TUNNEL_PROTOCOL,
@@ -221,6 +240,8 @@ class Tunnels:
             "tunnel.closed", client=tunnel.client, agent=tunnel.agent, host=tunnel.host,
             port=tunnel.port,
             protocol=tunnel.protocol, ech=tunnel.ech or None,
-            bytes_up=tunnel.bytes_up, bytes_down=tunnel.bytes_down,
+            intercepted=tunnel.intercepted or None,  # its requests have their own events
+            bytes_up=None if tunnel.intercepted else tunnel.bytes_up,
+            bytes_down=None if tunnel.intercepted else tunnel.bytes_down,
             duration_ms=round((time.monotonic() - tunnel.opened) * 1000, 1),
         )

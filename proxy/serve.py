@@ -17,6 +17,7 @@ from agent_egress.addons.connections import listen_addresses
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.addons.failclosed import FailClosed
 from agent_egress.addons.identity import AgentIdentity
+from agent_egress.addons.intercept import ExplainedRefusals, Interception
 from agent_egress.addons.limits import ClientLimits
 from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.proxyport import ProxyPort
@@ -30,6 +31,7 @@ from .master import lean_master
 from .textsafe import printable
 
 if TYPE_CHECKING:
+    from .ca import LocalCA
     from .telemetry import Telemetry
 
 
@@ -71,11 +73,32 @@ class Announce:
         asyncio.get_running_loop().call_soon(ctx.master.addons.remove, self)
 
 
+class LazyCA:
+    """The local CA, created (or loaded) when the first intercepted tunnel needs it: a proxy
+    whose policy intercepts nothing never touches it."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory
+        self._ca: LocalCA | None = None
+
+    def __call__(self) -> LocalCA:
+        if self._ca is None:
+            from .ca import LocalCA
+
+            ca = LocalCA(self.directory) if self.directory else LocalCA.default()
+            ca.ensure()
+            self._ca = ca
+        return self._ca
+
+
 def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
           managed_file: str | None, audit_log: str | None, resolve: list[str], socket_path: Path,
           approver_uids: Iterable[int] = (), telemetry: Telemetry | None = None,
           agent_uid: int | None = None, managed_owners: Iterable[int] = (),
-          extra: dict[str, Any] | None = None) -> int:
+          extra: dict[str, Any] | None = None, ca_directory: Path | None = None,
+          explain_https: bool = False) -> int:
+    local_ca = LazyCA(ca_directory)
+
     async def main() -> int:
         opts = options.Options(listen_host=listen_host, listen_port=listen_port)
         proxy = lean_master(opts)
@@ -84,14 +107,15 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         # `always` decisions are written and loaded by the enforcer, created just below.
         approvals = Approvals(audit, write_rule=lambda *rule: enforcer.write_rule(*rule),
                               reload_policy=lambda: enforcer.load_written())
-        port = ProxyPort(audit)
-        enforcer = Enforcer(audit, pinning, approvals, discard_body=port.discard_body)
-        reloader = PolicyReload(enforcer, audit)
-
         def policy() -> CompiledPolicy | None:
             return enforcer.policy
 
-        tunnels = Tunnels(audit, pinning, policy, port.http_layer)
+        interception = Interception(audit, pinning, policy, local_ca,
+                                    explain_https=explain_https)
+        port = ProxyPort(audit, interception.upstream_failure)
+        enforcer = Enforcer(audit, pinning, approvals, discard_body=port.discard_body)
+        reloader = PolicyReload(enforcer, audit)
+        tunnels = Tunnels(audit, pinning, policy, port.http_layer, interception)
         if telemetry is not None:
             from agent_egress.addons.telemetry import TelemetrySink
 
@@ -116,11 +140,15 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
                                 status=reloader.status, agent_uid=agent_uid,
                                 explain=explain_running)
         # Order matters: identity and ClientLimits (a complete head stops its deadline, before
-        # a request may be held) before the enforcer; FailClosed last, to refuse what nothing
-        # decided.
+        # a request may be held) before the enforcer; requests in a tunnel kept to explain its
+        # refusal are answered before the enforcer too (never held again); interception after
+        # it (it acts on the enforcer's CONNECT decision) and before Tunnels (which asks it);
+        # FailClosed last, to refuse what nothing decided.
         proxy.addons.add(audit, pinning, approvals, port, AgentIdentity(policy, audit),
-                          ClientLimits(audit, policy), enforcer, tunnels,
-                          reloader, Announce(socket_path, server.full_status), FailClosed(audit))
+                          ClientLimits(audit, policy),
+                          ExplainedRefusals(interception, audit, port.discard_body), enforcer,
+                          interception, tunnels, reloader,
+                          Announce(socket_path, server.full_status), FailClosed(audit))
         try:
             opts.update(
                 # Nothing connects upstream before the policy has decided and pinned an address.

@@ -61,7 +61,8 @@ _HOME_KEY = pytest.StashKey[dict]()
 # Names the tests use; all are mapped to loopback with the proxy's own --resolve setting.
 TLS_NAMES = ["allowed.test", "other.test", "evil.test", "sub.wild.test", "deep.sub.wild.test",
              "pypi.example.test", "git.example.test", "ws.example.test", "denied.evil.test",
-             "ask.test", "ask2.test", "ask3.test", "ask4.test"]
+             "ask.test", "ask2.test", "ask3.test", "ask4.test", "api.example.test",
+             "npm.example.test", "h2.example.test", "mtls.example.test"]
 CA_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO",
                 "PIP_CERT", "NODE_EXTRA_CA_CERTS")
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import http.server
 import ssl
+import subprocess
 import threading
 from pathlib import Path
+
+SMART_GIT = "/smart/"  # paths under it are served by git-http-backend (git's smart HTTP)
+NPM_REGISTRY = "/npm/"  # an npm registry's package documents (see _npm)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -23,6 +27,12 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.server.requests.append(self.requestline)
 
     def do_GET(self) -> None:
+        if self.path.startswith(SMART_GIT):
+            self._smart_git()
+            return
+        if self.path.startswith(NPM_REGISTRY):
+            self._npm()
+            return
         if self.path.startswith(("/hello", "/headers")):
             body = f"hello from {self.server.name}: {self.path} host={self.headers['Host']}\n"
             if self.path.startswith("/headers"):  # what arrived, for header-stripping tests
@@ -38,12 +48,63 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         super().do_GET()
 
     def do_POST(self) -> None:
+        if self.path.startswith(SMART_GIT):
+            self._smart_git()
+            return
         length = int(self.headers.get("Content-Length", 0))
         data = self.rfile.read(length)
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+
+    def _npm(self) -> None:
+        """An npm registry: /npm/NAME is the package document (NAME.json under the webroot's
+        npm/), tarballs are static files under /npm/-/."""
+        name = self.path[len(NPM_REGISTRY):].split("?", 1)[0]
+        document = Path(self.directory) / "npm" / f"{name.replace('/', '%2f')}.json"
+        if "/" in name or not document.is_file():
+            super().do_GET()
+            return
+        data = document.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _smart_git(self) -> None:
+        """git's smart HTTP protocol through git-http-backend (CGI), pushes enabled: a push
+        the test sees refused was refused by the proxy, not by this origin."""
+        path, _, query = self.path[len(SMART_GIT) - 1:].partition("?")
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        env = {"PATH": "/usr/bin:/bin", "GIT_PROJECT_ROOT": str(self.server.root),
+               "GIT_HTTP_EXPORT_ALL": "1", "REQUEST_METHOD": self.command, "PATH_INFO": path,
+               "QUERY_STRING": query, "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+               "CONTENT_LENGTH": str(len(body)), "REMOTE_USER": "agent",
+               "REMOTE_ADDR": self.client_address[0], "GIT_CONFIG_COUNT": "1",
+               "GIT_CONFIG_KEY_0": "http.receivepack", "GIT_CONFIG_VALUE_0": "true",
+               "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
+               "HTTP_GIT_PROTOCOL": self.headers.get("Git-Protocol", "")}
+        result = subprocess.run(["git", "http-backend"], input=body, env=env,
+                                capture_output=True, timeout=60, check=False)
+        head, _, payload = result.stdout.partition(b"\r\n\r\n")
+        status = 200
+        headers = []
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.lower() == "status":
+                status = int(value.split()[0])
+            elif name:
+                headers.append((name, value.strip()))
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
 
 
 class CountingServer(http.server.ThreadingHTTPServer):

@@ -7,6 +7,7 @@ import contextlib
 import ssl
 import struct
 
+from agent_egress.addons.intercept import Interception
 from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.relay import CloseClient, CountingPassthrough, Tunnel
 from agent_egress.addons.tunnels import Tunnels
@@ -52,8 +53,12 @@ def tunnels_with(nextlayer: layer.NextLayer, policy_text: str = "version = 1\n"
                  ) -> tuple[Tunnels, Recorder]:
     audit = Recorder()
     policy = parse_policy(policy_text, "p.toml")
-    tunnels = Tunnels(audit, UpstreamPinning(), lambda: policy,  # type: ignore[arg-type]
-                      lambda context: layers.HttpLayer(context, HTTPMode.transparent))
+    pinning = UpstreamPinning()
+    interception = Interception(audit, pinning, lambda: policy,  # type: ignore[arg-type]
+                                lambda: None)  # type: ignore[arg-type,return-value]
+    tunnels = Tunnels(audit, pinning, lambda: policy,  # type: ignore[arg-type]
+                      lambda context: layers.HttpLayer(context, HTTPMode.transparent),
+                      interception)
     tunnels._tunnels[nextlayer.context.client.id] = Tunnel(("127.0.0.1", 1), "allowed.test", 443)
     return tunnels, audit
 
