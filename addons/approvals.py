@@ -34,7 +34,7 @@ from mitmproxy import http
 
 from . import connections
 from .auditlog import AuditLog
-from .events import client_text
+from .events import client_text, logged_path
 from .pending import ApprovalError, Pending, Verdict, Waiter, client_gone, owners_of
 
 _PENDING_ID = re.compile(r"[0-9a-f]{8}")
@@ -129,7 +129,7 @@ class Approvals:
                 id=secrets.token_hex(4), host=decision.host, port=decision.port,
                 scheme="connect" if is_connect else request.scheme,
                 method=None if is_connect else request.method,
-                path=None if is_connect else request.path.split("?", 1)[0],
+                path=None if is_connect else logged_path(request.path),
                 client=client_text(flow.client_conn) or "", agent=agent,
                 owners=owners_of(flow, agent), opened=time.time(),
                 deadline=loop.time() + timeout, request=asked,

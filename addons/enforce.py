@@ -26,7 +26,7 @@ from mitmproxy import ctx, exceptions, http
 
 from .approvals import Approvals
 from .auditlog import AuditLog
-from .events import decision_fields, interception_fields, request_fields
+from .events import decision_fields, interception_fields, logged_path, request_fields
 from .httpchecks import (
     host_header_mismatch,
     implied_requests,
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 DECIDED = "agent_egress_decided"  # flow metadata: the policy let this request through
 REFUSAL = "agent_egress_refusal"  # flow metadata: the Decision a refused request was answered by
+_STRICTNESS = (Action.ALLOW, Action.ASK, Action.DENY)
 
 
 def policy_files_signature() -> tuple[Any, ...]:
@@ -251,7 +252,7 @@ class Enforcer:
                 flow.response = None  # logged as refused; audit mode lets it through
                 flow.metadata[DECIDED] = True
             return
-        if not tunnel and self.policy.intercepts(decision.host, port):
+        if not tunnel and self.policy.restricts(decision.host, port):
             await self._enforce_request(flow, decision, address, verdict)
             return
         flow.metadata[DECIDED] = True
@@ -266,13 +267,12 @@ class Enforcer:
         request = flow.request
         decision = self.policy.decide_request(allowed.host, allowed.port, request.method,
                                               request.path)
-        asked = f"{request.method} {request.path.split('?', 1)[0]}"
-        for method, target, why in implied_requests(request) if decision.allowed else ():
+        asked = f"{request.method} {logged_path(request.path)}"
+        for method, target, why in implied_requests(request):  # the strictest one decides
             then = self.policy.decide_request(allowed.host, allowed.port, method, target)
-            if not then.allowed:
-                asked, decision = f"{method} {target.split('?', 1)[0]}", then._replace(
+            if _STRICTNESS.index(then.action) > _STRICTNESS.index(decision.action):
+                asked, decision = f"{method} {logged_path(target)}", then._replace(
                     detail=f"{then.detail} ({why})")
-                break
         if decision.action is Action.ASK and not self.auditing:
             answer = await self._ask(flow, decision, asked)
             if answer is None:

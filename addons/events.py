@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from agent_egress.policy import Decision
+from agent_egress.policy.paths import display_path
 from mitmproxy import http
 
 from .connections import address_text, client_text
 from .identity import agent_claimed, agent_of
 
-__all__ = ["address_text", "client_text", "decision_fields", "interception_fields",
+__all__ = ["address_text", "client_text", "decision_fields", "interception_fields", "logged_path",
            "request_fields"]
 
 
@@ -36,11 +37,17 @@ def request_fields(flow: http.HTTPFlow) -> dict[str, Any]:
         "client": client_text(flow.client_conn),
         "scheme": "connect" if connect else request.scheme,
         "method": None if connect else request.method,
-        "path": None if connect else request.path.split("?", 1)[0],
+        "path": None if connect else logged_path(request.path),
         "websocket": True if request.headers.get("upgrade", "").lower() == "websocket" else None,
         "agent": agent_of(flow),
         "agent_claimed": agent_claimed(flow),
     }
+
+
+def logged_path(target: str) -> str:
+    """A request's path as events keep it (policy.paths.display_path): no query, fragment or
+    ';' parameter values, which can carry credentials."""
+    return display_path(target, limit=None)
 
 
 def interception_fields(flow: http.HTTPFlow) -> dict[str, Any]:

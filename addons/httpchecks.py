@@ -3,6 +3,8 @@ and what it asks an origin to switch to must be a protocol the proxy parses."""
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl
+
 from agent_egress.policy import (
     Action,
     Decision,
@@ -104,15 +106,23 @@ def implied_requests(request: http.Request) -> list[tuple[str, str, str]]:
         implied.append((*announced, "git asked for it in its ref discovery"))
     for name in _METHOD_OVERRIDES:
         for value in request.headers.get_all(name):
-            implied.append((value.strip().upper()[:32] or "?", request.path,
-                            f"the {name} header asks for it"))
+            for method in value.split(",") or [""]:  # Express takes the first of a list
+                implied.append((_method_text(method), request.path,
+                                f"the {name} header asks for it"))
     if request.method == "POST":
-        query = request.path.partition("?")[2]
-        for name, _, value in (part.partition("=") for part in query.split("&")):
-            if name == "_method":
-                implied.append((value.upper()[:32] or "?", request.path,
-                                "the _method parameter asks for it"))
+        for method in form_methods(request.path.partition("?")[2]):
+            implied.append((method, request.path, "the _method parameter asks for it"))
     return implied
+
+
+def form_methods(form: str) -> list[str]:
+    """The `_method` values of a query or urlencoded body (names decoded, as frameworks do)."""
+    return [_method_text(value) for name, value in parse_qsl(form, keep_blank_values=True)
+            if name.strip() == "_method"]
+
+
+def _method_text(value: str) -> str:
+    return value.strip().upper()[:32] or "?"
 
 
 def name_decided_host(request: http.Request, named: str) -> None:

@@ -11,6 +11,7 @@ closes any layer stack it does not know rather than guess.
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,7 @@ from .events import client_text
 from .relay import CloseClient
 from .tunnels import is_tunnel_stack
 
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}")
 MAX_REQUEST_HEAD = 64 * 1024
 MAX_REQUEST_HEADERS = 200
 MAX_FRAMING_LINE = 16 * 1024
@@ -156,6 +158,14 @@ def _head_problem(request: http.Request) -> tuple[int, Reason, str] | None:
     return None
 
 
+def _request_line_problem(request: http.Request) -> str | None:
+    if not _TOKEN.fullmatch(request.data.method):
+        return "the request's method is not an HTTP token (RFC 9110)"
+    if any(byte <= 0x20 or byte == 0x7F for byte in request.data.path):
+        return "whitespace or a control character in the request target"
+    return None
+
+
 def _is_proxy_port_stack(context: Any) -> bool:
     return len(context.layers) == 1 and isinstance(context.layers[0], modes.HttpProxy)
 
@@ -189,8 +199,15 @@ class ProxyPort:
         nextlayer.layer = self.http_layer(context, HTTPMode.regular)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """`GET /healthz` sent to the proxy itself (not proxied): for container probes."""
+        """A request line no origin could read one way only is refused (HTTP/2 carries the
+        method and target as free text, translated into an HTTP/1 request line upstream);
+        `GET /healthz` sent to the proxy itself (not proxied) answers container probes."""
         request = flow.request
+        if flow.response is None and (problem := _request_line_problem(request)):
+            self.invalid_request(flow.client_conn, problem)
+            flow.response = http.Response.make(400, f"agent-egress: {problem}\n", {
+                "Content-Type": "text/plain; charset=utf-8", "Connection": "close"})
+            return
         if request.path != "/healthz" or request.method != "GET" or flow.response is not None:
             return
         if request.port not in listen_ports() or flow.client_conn.tls_established:

@@ -4,6 +4,7 @@ can relay to its user, and the machine-readable headers (Proxy-Status, x-proxy-e
 from __future__ import annotations
 
 from agent_egress.policy import Decision, Reason
+from agent_egress.policy.paths import display_path
 from mitmproxy import http
 
 _X_PROXY_ERROR = {
@@ -38,7 +39,7 @@ def blocked_response(decision: Decision, request: http.Request | None = None) ->
     why = decision.explain(file_names_only=True)
     asked = ""
     if request is not None and request.method != "CONNECT":
-        asked = f"request: {request.method} {request.path.split('?', 1)[0][:200]}\n"
+        asked = f"request: {request.method} {display_path(request.path)}\n"
     body = (f"agent-egress blocked this request.\n"
             f"destination: {decision.host}:{decision.port}\n{asked}"
             f"reason: {decision.reason.value}: {why}\n"
@@ -58,7 +59,7 @@ def _what_to_do(decision: Decision, request: http.Request | None) -> str:
     """Advice that helps: for an address or DNS refusal, the policy is not the problem."""
     target = f"{decision.host}:{decision.port}"
     if decision.reason in _REQUEST_REASONS and request is not None:
-        method, path = request.method, request.path.split("?", 1)[0][:200]
+        method, path = request.method, display_path(request.path)
         default = 443 if request.scheme == "https" else 80
         url = (f"{request.scheme}://{decision.host}"
                f"{'' if decision.port == default else f':{decision.port}'}{path}")

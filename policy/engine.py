@@ -539,6 +539,10 @@ class CompiledPolicy:
         """Whether a tunnel to this (allowed) host is intercepted to decide its requests."""
         return self.requests is not None and self.requests.intercepts(host, port)
 
+    def restricts(self, host: str, port: int) -> bool:
+        """Whether request rules (or read_only) decide the requests to this host."""
+        return self.requests is not None and self.requests.intercepts(host, port)
+
     def decide_request(self, host: str, port: int, method: str, target: str) -> Decision:
         """Method and path on a host the domain rules allowed (policy.requests)."""
         if self.requests is None:

@@ -18,7 +18,13 @@ from .engine import CompiledPolicy
 from .errors import InvalidHost, InvalidPattern, PolicyError, Problem
 from .hosts import normalize_host
 from .layering import compile_layers
-from .model import ApprovalSettings, NetworkSettings, PolicyFile, Requirements
+from .model import (
+    ApprovalSettings,
+    NetworkSettings,
+    PolicyFile,
+    RequestRuleSettings,
+    Requirements,
+)
 from .patterns import parse_pattern
 from .source import ParsedFile, locate
 
@@ -159,5 +165,7 @@ def _problem(error: dict[str, Any], text: str) -> Problem:
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
-    return {(): PolicyFile, ("network",): NetworkSettings, ("approvals",): ApprovalSettings,
-            ("requirements",): Requirements}.get(loc, PolicyFile)
+    tables = {(): PolicyFile, ("network",): NetworkSettings, ("approvals",): ApprovalSettings,
+              ("requirements",): Requirements, ("network", "requests", 0): RequestRuleSettings}
+    generic = tuple(0 if isinstance(part, int) else part for part in loc)  # any list index
+    return tables.get(generic, PolicyFile)

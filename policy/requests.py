@@ -19,13 +19,12 @@ from typing import NamedTuple
 from .engine import Action, Decision, Reason, Rule, RuleIndex
 from .errors import InvalidHost
 from .hosts import IPAddress, normalize_host
-from .paths import InvalidPath, PathGlob, canonical_path
+from .paths import InvalidPath, PathGlob, canonical_path, deny_forms, display_path
 from .patterns import Kind, Pattern
 
 READ_ONLY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _STRICTNESS = {Action.ALLOW: 0, Action.ASK: 1, Action.DENY: 2}
 _CACHE_LIMIT = 65536
-_SHOWN_PATH = 200
 
 
 class RequestRule(NamedTuple):
@@ -61,10 +60,18 @@ class RequestRule(NamedTuple):
         return f"{PurePath(self.source).name} ({self.layer}): {self.key}"
 
     def matches(self, method: str, path: str) -> bool:
+        """Whether an allow or ask rule covers this method and canonical path."""
         if self.methods is not None and method not in self.methods:
             return False
-        deny = self.action is Action.DENY  # a refusal also covers other spellings' cases
-        return not self.paths or any(g.matches(path, any_case=deny) for g in self.paths)
+        return not self.paths or any(glob.matches(path) for glob in self.paths)
+
+    def refuses(self, method: str, forms: tuple[str, ...]) -> bool:
+        """Whether a deny rule covers this method and any spelling of the path (deny_forms),
+        in any case: a refusal also covers the spellings other servers treat as the same."""
+        if self.methods is not None and method not in self.methods:
+            return False
+        return not self.paths or any(glob.matches(form, any_case=True)
+                                     for glob in self.paths for form in forms)
 
     def path_matches(self, path: str) -> bool:
         return not self.paths or any(g.matches(path) for g in self.paths)
@@ -171,7 +178,7 @@ class RequestPolicy:
         if not rules.restricted:
             return Decision(Action.ALLOW, Reason.UNRESTRICTED, host, port,
                             detail=f"no request rule covers {host}")
-        shown = f"{method} {target.split('?', 1)[0][:_SHOWN_PATH]}"
+        shown = f"{method} {display_path(target)}"
         try:
             path = canonical_path(target)
         except InvalidPath as exc:
@@ -190,8 +197,9 @@ def _layer_verdict(layer: str, rules: tuple[RequestRule, ...], default: Action, 
                         f"{shown}: {host} is read-only, only GET, HEAD and OPTIONS are sent",
                         layer)
     requests = [r for r in rules if r.list_name == "requests"]
+    forms = deny_forms(path)
     for rule in requests:
-        if rule.action is Action.DENY and rule.matches(method, path):
+        if rule.action is Action.DENY and rule.refuses(method, forms):
             return Decision(Action.DENY, Reason.REQUEST_DENIED, host, port, rule,
                             f"{shown}: matches the deny request rule", layer)
     candidates = [r for r in requests if r.action is not Action.DENY and r.matches(method, path)]

@@ -19,6 +19,7 @@ from agent_egress.addons.failclosed import FailClosed
 from agent_egress.addons.identity import AgentIdentity
 from agent_egress.addons.intercept import ExplainedRefusals, Interception
 from agent_egress.addons.limits import ClientLimits
+from agent_egress.addons.overrides import FormOverrides
 from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.proxyport import ProxyPort
 from agent_egress.addons.reload import PolicyReload
@@ -147,7 +148,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         proxy.addons.add(audit, pinning, approvals, port, AgentIdentity(policy, audit),
                           ClientLimits(audit, policy),
                           ExplainedRefusals(interception, audit, port.discard_body), enforcer,
-                          interception, tunnels, reloader,
+                          FormOverrides(audit, policy), interception, tunnels, reloader,
                           Announce(socket_path, server.full_status), FailClosed(audit))
         try:
             opts.update(

@@ -67,32 +67,30 @@ def test_pending_lists_hostile_requests_escaped_and_json_exact(tmp_path, plain_o
     from holding import ask_policy
 
     proxy = ProxyProcess(tmp_path / "p", ask_policy(plain_origin.port))
-    # Hostile agent names are refused at the proxy (407, see test_fail_closed.py); a path is
-    # still the agent's to choose.
-    requests = [
-        f"GET http://ask.test:{plain_origin.port}/a\x1b[2J\x1b[H HTTP/1.1\r\n"
-        f"Host: ask.test:{plain_origin.port}\r\n\r\n",
-        "CONNECT xn--80ak6aa92e.com:443 HTTP/1.1\r\nHost: xn--80ak6aa92e.com:443\r\n\r\n",
-    ]
-    sockets = []
+    # Hostile agent names are refused at the proxy (407, see test_fail_closed.py), and so are
+    # control bytes in a request target (400): neither is ever put before a person.
+    escape = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+    sockets = [escape]
     try:
-        for request in requests:
-            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
-            sock.sendall(request.encode())
-            sockets.append(sock)
+        escape.sendall(f"GET http://ask.test:{plain_origin.port}/a\x1b[2J\x1b[H HTTP/1.1\r\n"
+                       f"Host: ask.test:{plain_origin.port}\r\n\r\n".encode())
+        assert escape.recv(4096).startswith(b"HTTP/1.1 400")
+        event = proxy.wait_for_event(lambda e: e.get("reason") == "invalid_request")
+        assert "control character" in event["detail"]
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+        sock.sendall(b"CONNECT xn--80ak6aa92e.com:443 HTTP/1.1\r\n"
+                     b"Host: xn--80ak6aa92e.com:443\r\n\r\n")
+        sockets.append(sock)
         deadline = time.monotonic() + 15
-        while len(items := json.loads(proxy.cli("pending", "--json").stdout)) < 2:
+        while len(items := json.loads(proxy.cli("pending", "--json").stdout)) < 1:
             assert time.monotonic() < deadline, items
             time.sleep(0.1)
-        by_host = {item["host"]: item for item in items}
         # --json is data: exactly what the agent sent.
-        assert by_host["ask.test"]["path"] == "/a\x1b[2J\x1b[H"
+        assert [item["host"] for item in items] == ["xn--80ak6aa92e.com"]
         listing = proxy.cli("pending")
         assert listing.returncode == 0, listing.stderr
         assert not RAW_CONTROLS.search(listing.stdout)
-        assert len(listing.stdout.splitlines()) == 2
-        assert (f"ask.test:{plain_origin.port}  HTTP GET /a\\x1b[2J\\x1b[H  from "
-                in listing.stdout)
+        assert len(listing.stdout.splitlines()) == 1
         assert "xn--80ak6aa92e.com:443 (аррӏе.com)  CONNECT" in listing.stdout
         for item in items:
             assert proxy.cli("deny", item["id"]).returncode == 0

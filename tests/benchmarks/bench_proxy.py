@@ -5,7 +5,10 @@ Run: .venv/bin/python tests/benchmarks/bench_proxy.py [--seconds 3] [--rounds 3]
 
 Squid and tinyproxy are used when installed (Debian: apt-get install squid tinyproxy); this
 script installs nothing. Every proxy allows exactly the origin's host name ("localhost") and
-the origin ports; agent-egress and mitmdump pass TLS through untouched (no interception).
+the origin ports; agent-egress and mitmdump pass TLS through untouched (no interception),
+except the two "intercepting" setups: mitmdump terminating every tunnel's TLS with its CA, and
+agent-egress with a request rule on the origin's host (so it intercepts it with its local CA);
+both verify the origin against its CA. The client trusts each setup's CA.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ HERE = Path(__file__).resolve()
 BULK_BYTES = 64 * 2**20
 HOST = "localhost"
 FIGURES = ("tunnels_per_s_c1", "tunnel_p50_ms_c1", "tunnel_p99_ms_c1", "tunnels_per_s_c50",
-           "tunnel_p50_ms_c50", "tunnel_p99_ms_c50", "http_req_per_s_c10", "bulk_mb_per_s",
+           "tunnel_p50_ms_c50", "tunnel_p99_ms_c50", "tunnels_per_s_c10", "tls_req_per_s_c10",
+           "http_req_per_s_c10", "bulk_mb_per_s",
            "rss_mib_start", "rss_mib_1000_idle_tunnels", "kib_per_idle_tunnel",
            "rss_mib_200_held", "kib_per_held_approval")
 
@@ -89,8 +93,10 @@ def raise_fd_limit() -> None:
 
 class Proxy:
     def __init__(self, name: str, command: list[str] | None, port: int | None,
-                 workdir: Path, env: dict[str, str] | None = None) -> None:
+                 workdir: Path, env: dict[str, str] | None = None,
+                 ca_file: Path | None = None) -> None:
         self.name, self.port, self.process = name, port, None
+        self.ca_file = ca_file  # the CA the client must trust (an intercepting proxy's)
         if command:
             self.log = (workdir / f"{name.replace(' ', '_')}.log").open("w")
             self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
@@ -129,18 +135,24 @@ class Proxy:
                 self.process.wait()
 
 
-def egress_policy(ports: list[int], extra_rules: int = 0, default: str = "ask") -> str:
+def egress_policy(ports: list[int], extra_rules: int = 0, default: str = "ask",
+                  intercept_with: Path | None = None) -> str:
     rules = ",\n".join(f'  "site{i}.example{i % 97}.com"' for i in range(extra_rules))
+    requests = "" if intercept_with is None else (
+        f'upstream_ca_file = "{intercept_with}"\n'
+        '[[network.requests]]\nhost = "localhost"\nmethods = ["GET", "HEAD"]\n'
+        'action = "allow"\n')
     return (f'version = 1\npresets = ["package-registries", "github", "docs"]\n'
             f'[network]\ndefault = "{default}"\nallow = [\n  "localhost",\n{rules}\n]\n'
             f"ports = {ports}\nallowed_cidrs = [\"127.0.0.0/8\", \"::1/128\"]\n"
             # The load generator is one local client: the per-client bounds are lifted for it.
             "max_connections_per_client = 8192\n"
+            f"{requests}"
             "[approvals]\ntimeout = 600\nmax_pending = 1000\nmax_pending_per_agent = 1000\n")
 
 
 def start_proxies(workdir: Path, ports: list[int], names: set[str],
-                  baseline: str | None = None) -> list[Proxy]:
+                  baseline: str | None = None, origin_ca: Path | None = None) -> list[Proxy]:
     python = sys.executable
     bin_dir = Path(python).parent
     proxies = [Proxy("direct", None, None, workdir)]
@@ -150,7 +162,17 @@ def start_proxies(workdir: Path, ports: list[int], names: set[str],
             str(bin_dir / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port",
             str(port), "--set", "connection_strategy=lazy", "--set", "stream_large_bodies=1m",
             "--ignore-hosts", ".*"], port, workdir))
-    builds = [("agent-egress", 0, python), ("agent-egress 100k", 100_000, python)]
+    if "mitmdump intercepting" in names:
+        port = free_port()
+        confdir = workdir / "mitmproxy-conf"
+        proxies.append(Proxy("mitmdump intercepting", [
+            str(bin_dir / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port",
+            str(port), "--set", "connection_strategy=lazy", "--set", "stream_large_bodies=1m",
+            "--set", f"confdir={confdir}", "--set",
+            f"ssl_verify_upstream_trusted_ca={origin_ca}"], port, workdir,
+            ca_file=confdir / "mitmproxy-ca-cert.pem"))
+    builds = [("agent-egress", 0, python), ("agent-egress 100k", 100_000, python),
+              ("agent-egress intercepting", 0, python)]
     if baseline:  # another checkout's interpreter: the same figures, measured side by side
         builds.append(("agent-egress baseline", 0, baseline))
         names = names | {"agent-egress baseline"}
@@ -159,14 +181,21 @@ def start_proxies(workdir: Path, ports: list[int], names: set[str],
             continue
         port = free_port()
         policy = workdir / f"policy-{label.replace(' ', '-')}.toml"
-        policy.write_text(egress_policy(ports, rules))
+        intercepting = label.endswith("intercepting")
+        policy.write_text(egress_policy(ports, rules,
+                                        intercept_with=origin_ca if intercepting else None))
+        ca_dir = workdir / f"ca-{label.replace(' ', '-')}"
+        if intercepting:  # made now, so the client can trust it from the first request
+            subprocess.run([python, "-m", "agent_egress.proxy", "ca", "path", "--ca-dir",
+                            str(ca_dir)], check=True, capture_output=True)
         proxies.append(Proxy(label, [
             python, "-m", "agent_egress.proxy", "serve", "--listen", f"127.0.0.1:{port}",
-            "--config", str(policy),
+            "--config", str(policy), "--ca-dir", str(ca_dir),
             "--audit-log", str(workdir / f"audit-{label.replace(' ', '-')}.jsonl"),
             "--approval-socket", str(workdir / f"s-{label.replace(' ', '-')}" / "a.sock")],
             port, workdir,
-            env={"XDG_CONFIG_HOME": str(workdir), "XDG_STATE_HOME": str(workdir)}))
+            env={"XDG_CONFIG_HOME": str(workdir), "XDG_STATE_HOME": str(workdir)},
+            ca_file=ca_dir / "agent-egress-ca-cert.pem" if intercepting else None))
     if "squid" in names and shutil.which("squid"):
         port = free_port()
         config = workdir / "squid.conf"
@@ -218,6 +247,27 @@ async def tunnel_request(proxy: Proxy, tls_port: int, context: ssl.SSLContext) -
     writer.write(f"GET / HTTP/1.1\r\nHost: {HOST}:{tls_port}\r\n\r\n".encode())
     await reader.readuntil(b"hello")
     writer.close()
+
+
+async def kept_tunnel_requests(proxy: Proxy, tls_port: int, context: ssl.SSLContext,
+                               concurrency: int, seconds: float) -> dict[str, float]:
+    """Requests over TLS tunnels kept open (keep-alive): what interception costs per request
+    once the handshakes are done."""
+    pool: asyncio.Queue = asyncio.Queue()
+    for _ in range(concurrency):
+        pool.put_nowait(await open_tunnel(proxy, tls_port, context))
+    request = f"GET / HTTP/1.1\r\nHost: {HOST}:{tls_port}\r\n\r\n".encode()
+
+    async def one() -> None:
+        reader, writer = await pool.get()
+        writer.write(request)
+        await reader.readuntil(b"hello")
+        pool.put_nowait((reader, writer))
+
+    result = await run_load(one, concurrency, seconds)
+    while not pool.empty():
+        pool.get_nowait()[1].close()
+    return result
 
 
 async def run_load(operation: Callable[[], Awaitable[None]], concurrency: int,
@@ -314,12 +364,14 @@ async def measure_speed(proxy: Proxy, ports: tuple[int, int], context: ssl.SSLCo
                         seconds: float) -> dict[str, float]:
     plain_port, tls_port = ports
     figures: dict[str, float] = {}
-    for concurrency in (1, 50):
+    for concurrency in (1, 10, 50):
         result = await run_load(lambda: tunnel_request(proxy, tls_port, context), concurrency,
                                 seconds)
         figures[f"tunnels_per_s_c{concurrency}"] = result["per_second"]
         figures[f"tunnel_p50_ms_c{concurrency}"] = result["p50_ms"]
         figures[f"tunnel_p99_ms_c{concurrency}"] = result["p99_ms"]
+    figures["tls_req_per_s_c10"] = (await kept_tunnel_requests(
+        proxy, tls_port, context, 10, seconds))["per_second"]
     figures["http_req_per_s_c10"] = (await plain_requests(proxy, plain_port, 10, seconds))[
         "per_second"]
     figures["bulk_mb_per_s"] = await bulk(proxy, tls_port, context, seconds)
@@ -365,14 +417,25 @@ def render(results: dict[str, dict[str, float]]) -> str:
                 row += f"{'-':>19}"
                 continue
             ratios = []
-            for base in ("direct", "mitmdump"):
+            # An intercepting setup is compared with mitmdump intercepting the same traffic.
+            mitmdump = "mitmdump intercepting" if name.endswith("intercepting") else "mitmdump"
+            for base in ("direct", mitmdump):
                 reference = results.get(base, {}).get(metric)
                 if reference and name != base:
                     ratios.append(f"{value / reference:.2f}")
             row += f"{value:>10.1f}" + f"{' (' + '/'.join(ratios) + ')' if ratios else '':>9}"
         lines.append(row)
-    lines.append("(ratios: to direct / to mitmdump; for latency and memory lower is better)")
+    lines.append("(ratios: to direct / to mitmdump, intercepting setups to mitmdump "
+                 "intercepting; for latency and memory lower is better)")
     return "\n".join(lines)
+
+
+def client_context(proxy: Proxy, origin_trust: ssl.SSLContext) -> ssl.SSLContext:
+    """What the client trusts through this setup: the origin's CA, or the intercepting
+    proxy's."""
+    if proxy.ca_file is None:
+        return origin_trust
+    return ssl.create_default_context(cafile=str(proxy.ca_file))
 
 
 def main() -> None:
@@ -383,7 +446,8 @@ def main() -> None:
                              "figures only)")
     parser.add_argument("--json", default="bench_proxy.json", help="where to write figures")
     parser.add_argument("--only", default="direct,mitmdump,agent-egress,agent-egress 100k,"
-                                          "squid,tinyproxy",
+                                          "squid,tinyproxy,mitmdump intercepting,"
+                                          "agent-egress intercepting",
                         help="comma-separated setups to measure (default: all)")
     parser.add_argument("--baseline", metavar="PYTHON",
                         help="also measure the agent-egress installed for this interpreter "
@@ -397,13 +461,17 @@ def main() -> None:
     cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
     context = ssl.create_default_context()
     ca.configure_trust(context)
+    origin_ca = workdir / "origin-ca.pem"
+    ca.cert_pem.write_to_path(str(origin_ca))
     plain_port, tls_port = free_port(), free_port()
     origin = subprocess.Popen([sys.executable, "-c", ORIGIN_CODE, str(plain_port),
                                str(tls_port), str(BULK_BYTES), str(cert_file)],
                               stdout=subprocess.PIPE, text=True, preexec_fn=raise_fd_limit)
     assert origin.stdout is not None and origin.stdout.readline().strip() == "ready"
     names = set(args.only.split(","))
-    proxies = start_proxies(workdir, [80, 443, plain_port, tls_port], names, args.baseline)
+    proxies = start_proxies(workdir, [80, 443, plain_port, tls_port], names, args.baseline,
+                            origin_ca)
+    contexts = {proxy.name: client_context(proxy, context) for proxy in proxies}
     try:
         # Memory first, on fresh processes: after the load rounds the heap's high-water mark
         # would hide what idle tunnels and held approvals cost.
@@ -411,7 +479,8 @@ def main() -> None:
         for proxy in proxies:
             if proxy.process is not None:
                 print(f"memory: {proxy.name} ...", file=sys.stderr, flush=True)
-                memory[proxy.name] = asyncio.run(measure_memory(proxy, tls_port, context))
+                memory[proxy.name] = asyncio.run(measure_memory(proxy, tls_port,
+                                                                contexts[proxy.name]))
         # Proxies take turns within each round, each round starting one further along, so a
         # slow spell of the machine or an effect of going after another proxy is spread over
         # all of them; each figure is the median over the rounds.
@@ -422,7 +491,7 @@ def main() -> None:
                 print(f"round {round_number}/{args.rounds}: {proxy.name} ...", file=sys.stderr,
                       flush=True)
                 speed[proxy.name].append(asyncio.run(measure_speed(
-                    proxy, (plain_port, tls_port), context, args.seconds)))
+                    proxy, (plain_port, tls_port), contexts[proxy.name], args.seconds)))
         results = {proxy.name: {**median_figures(speed[proxy.name]), **memory[proxy.name]}
                    for proxy in proxies}
     finally:
