@@ -190,9 +190,11 @@ def start_proxies(workdir: Path, ports: list[int], names: set[str],
                             str(ca_dir)], check=True, capture_output=True)
         proxies.append(Proxy(label, [
             python, "-m", "agent_egress.proxy", "serve", "--listen", f"127.0.0.1:{port}",
-            "--config", str(policy), "--ca-dir", str(ca_dir),
+            "--config", str(policy),
             "--audit-log", str(workdir / f"audit-{label.replace(' ', '-')}.jsonl"),
-            "--approval-socket", str(workdir / f"s-{label.replace(' ', '-')}" / "a.sock")],
+            "--approval-socket", str(workdir / f"s-{label.replace(' ', '-')}" / "a.sock"),
+            # (a baseline build from before interception knows no --ca-dir)
+            *(("--ca-dir", str(ca_dir)) if intercepting else ())],
             port, workdir,
             env={"XDG_CONFIG_HOME": str(workdir), "XDG_STATE_HOME": str(workdir)},
             ca_file=ca_dir / "agent-egress-ca-cert.pem" if intercepting else None))
