@@ -106,11 +106,12 @@ class TelemetrySink:
 
     def on_event(self, event: str, fields: dict[str, Any]) -> None:
         attributes = otel_attributes(fields)
-        denied = fields.get("decision") == "deny"
+        severity = (SeverityNumber.ERROR if fields.get("severity") == "high" else
+                    SeverityNumber.WARN if fields.get("decision") == "deny" else
+                    SeverityNumber.INFO)  # high: a credential sent where it may not go
         self._logger.emit(
             event_name=f"agent_egress.{event}", body=_body(event, fields),
-            severity_number=SeverityNumber.WARN if denied else SeverityNumber.INFO,
-            severity_text="WARN" if denied else "INFO", attributes=attributes)
+            severity_number=severity, severity_text=severity.name, attributes=attributes)
         if event == "request.decided" and self._decisions is not None:
             self._decisions.add(1, {
                 "agent_egress.decision": str(fields.get("decision")),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import PurePath
 from types import MappingProxyType
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .addresses import embedded_ipv4, in_networks, non_public_reason
 from .errors import InvalidHost
@@ -65,6 +65,9 @@ class Reason(StrEnum):
     PATH_NOT_ALLOWED = "path_not_allowed"  # no request rule for the host covers the path
     READ_ONLY = "read_only"  # a read_only host: only GET, HEAD, OPTIONS
     UNRESTRICTED = "unrestricted"  # no request rule covers the host: its domain rule decides
+    # Credentials (policy.credentials): a placeholder where its secret may not go.
+    CREDENTIAL_MISDIRECTED = "credential_misdirected"
+    CREDENTIAL_UNAVAILABLE = "credential_unavailable"  # bound, but its secret cannot be read
 
 
 class Rule(NamedTuple):
@@ -382,6 +385,14 @@ class RequestRules(Protocol):
     def decide(self, host: str, port: int, method: str, target: str) -> Decision: ...
 
 
+class CredentialBindings(Protocol):
+    """Credentials and the hosts they are bound to (policy.credentials.Credentials)."""
+
+    @property
+    def all(self) -> tuple[Any, ...]: ...
+    def bound(self, host: str, port: int) -> tuple[Any, ...]: ...
+
+
 _CACHE_LIMIT = 65536
 _DEFAULT_REASON = {Action.ALLOW: Reason.DEFAULT, Action.DENY: Reason.NOT_ALLOWLISTED,
                    Action.ASK: Reason.NEEDS_APPROVAL}
@@ -394,13 +405,15 @@ class CompiledPolicy:
     loader (policy.layering); never mutated after.
     """
 
-    __slots__ = ("layers", "settings", "problems", "warnings", "requests", "_allow_layers",
-                 "_cache")
+    __slots__ = ("layers", "settings", "problems", "warnings", "requests", "credentials",
+                 "_allow_layers", "_cache")
 
     def __init__(self, layers: Sequence[Layer], settings: Settings,
                  problems: Sequence[str] = (), warnings: Sequence[str] = (),
-                 requests: RequestRules | None = None) -> None:
+                 requests: RequestRules | None = None,
+                 credentials: CredentialBindings | None = None) -> None:
         self.requests = requests  # None: no request rules (policy.requests.RequestPolicy)
+        self.credentials = credentials  # None: no credentials (policy.credentials)
         self.layers = tuple(layers)
         self.settings = settings
         # Requirement violations that were reported and not applied (errors.Problem).
@@ -533,11 +546,15 @@ class CompiledPolicy:
     def interception_configured(self) -> bool:
         """Whether any host's TLS is opened: request rules, read_only, explain_https."""
         configured = self.requests is not None and self.requests.configured
-        return configured or self.settings.explain_https
+        bound = self.credentials is not None and bool(self.credentials.all)
+        return configured or bound or self.settings.explain_https
 
     def intercepts(self, host: str, port: int) -> bool:
-        """Whether a tunnel to this (allowed) host is intercepted to decide its requests."""
-        return self.requests is not None and self.requests.intercepts(host, port)
+        """Whether a tunnel to this (allowed) host is intercepted: to decide its requests, or
+        to add a credential bound to it."""
+        if self.requests is not None and self.requests.intercepts(host, port):
+            return True
+        return self.credentials is not None and bool(self.credentials.bound(host, port))
 
     def restricts(self, host: str, port: int) -> bool:
         """Whether request rules (or read_only) decide the requests to this host."""

@@ -11,6 +11,13 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, NamedTuple
 
+from .credentials import (
+    Credential,
+    Credentials,
+    bounded_user_credentials,
+    compile_credentials,
+    passthrough_clashes,
+)
 from .engine import Action, CompiledPolicy, Layer, Rule, Settings, TelemetryPolicy
 from .errors import InvalidPattern, PolicyError, Problem
 from .hosts import normalize_host
@@ -65,6 +72,7 @@ class _CompiledRules(NamedTuple):
     deny: list[Rule]
     raw_tcp: list[Rule]
     requests: RequestLayer
+    credentials: list[Credential]
 
 
 def _compile_layer(parsed: ParsedFile, name: str) -> _CompiledRules:
@@ -73,9 +81,16 @@ def _compile_layer(parsed: ParsedFile, name: str) -> _CompiledRules:
     deny = _rules(parsed, name, Action.DENY, problems)
     raw_tcp = _rules(parsed, name, Action.ALLOW, problems, "raw_tcp")
     requests = compile_request_layer(parsed, name, problems)
+    credentials = compile_credentials(parsed, name, problems)
+    for credential, entry in passthrough_clashes(credentials, requests.passthrough):
+        problems.append(Problem(
+            f"passthrough {entry.text!r} and credential {credential.name!r} name the same "
+            "hosts: a credential's hosts are intercepted to add it; remove one of them",
+            key=entry.key, line=locate(parsed.text, ("network", "passthrough", entry.index),
+                                       entry.text)))
     if problems:
         raise PolicyError(parsed.source, sorted(problems, key=lambda p: p.line or 0))
-    return _CompiledRules(allow, deny, raw_tcp, requests)
+    return _CompiledRules(allow, deny, raw_tcp, requests, credentials)
 
 
 def compile_layers(user: ParsedFile, managed: ParsedFile | None,
@@ -87,6 +102,7 @@ def compile_layers(user: ParsedFile, managed: ParsedFile | None,
     user_rules = _compile_layer(user, "user")
     user_allow, user_raw_tcp = user_rules.allow, user_rules.raw_tcp
     request_layers = [user_rules.requests]
+    credentials = user_rules.credentials
     layers: list[Layer] = []
     if managed is not None:
         managed_rules = _compile_layer(managed, "managed")
@@ -97,11 +113,16 @@ def compile_layers(user: ParsedFile, managed: ParsedFile | None,
         user_raw_tcp = _bounded_user_rules(user_raw_tcp, managed, managed_layer, violations)
         request_layers = [managed_rules.requests, bounded_user_layer(
             user_rules.requests, managed_rules.requests, violations.add)]
+        credentials = managed_rules.credentials + bounded_user_credentials(
+            user_rules.credentials, managed_rules.credentials,
+            managed.model.requirements.credential_hosts if managed.model.requirements else None,
+            managed_rules.requests.passthrough, violations.add)
     settings = replace(_effective_settings(user, managed, resolve, violations),
                        **request_settings(user, managed, violations.add))
     layers.append(Layer.build("user", user.source, user_allow, user_rules.deny, user_raw_tcp))
     return CompiledPolicy(layers, settings, violations.messages, _shadowed_allows(layers),
-                          RequestPolicy(request_layers, settings.request_default))
+                          RequestPolicy(request_layers, settings.request_default),
+                          Credentials(credentials))
 
 
 def _shadowed_allows(layers: list[Layer]) -> list[str]:

@@ -20,6 +20,7 @@ from .hosts import normalize_host
 from .layering import compile_layers
 from .model import (
     ApprovalSettings,
+    CredentialSettings,
     NetworkSettings,
     PolicyFile,
     RequestRuleSettings,
@@ -166,6 +167,7 @@ def _problem(error: dict[str, Any], text: str) -> Problem:
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
     tables = {(): PolicyFile, ("network",): NetworkSettings, ("approvals",): ApprovalSettings,
-              ("requirements",): Requirements, ("network", "requests", 0): RequestRuleSettings}
+              ("requirements",): Requirements, ("credentials", 0): CredentialSettings,
+              ("network", "requests", 0): RequestRuleSettings}
     generic = tuple(0 if isinstance(part, int) else part for part in loc)  # any list index
     return tables.get(generic, PolicyFile)

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
 
 from .paths import parse_path_glob
+from .patterns import parse_pattern
 from .presets import presets
 
 
@@ -138,6 +139,14 @@ class ApprovalSettings(_Strict):
     max_pending_per_agent: int = Field(default=20, ge=1, le=100000)
 
 
+def _pattern_text(text: str) -> str:
+    parse_pattern(text, allow_any=False)  # InvalidPattern is a ValueError: said with file:line
+    return text
+
+
+PatternText = Annotated[str, AfterValidator(_pattern_text)]
+
+
 class Requirements(_Strict):
     """What a managed policy lets the user layer set (names after Codex's requirements.toml)."""
 
@@ -149,6 +158,55 @@ class Requirements(_Strict):
     allowed_ports: list[Port] | None = None
     telemetry_required: bool = False
     protected_file: bool = False  # refuse a user policy file another uid (or the agent) can change
+    credential_hosts: list[PatternText] | None = None  # user credentials only for these hosts
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")  # an RFC 9110 token
+CREDENTIAL_SOURCES = ("keyring:", "env:", "file:")
+
+
+def _credential_name(name: str) -> str:
+    if not AGENT_NAME.fullmatch(name):  # names land in events and terminals: the same alphabet
+        raise ValueError(f"credential name {name!r} is not valid: use {AGENT_NAME_RULE}")
+    return name
+
+
+def _env_name(name: str) -> str:
+    if not _ENV_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not an environment variable name (letters, digits, _)")
+    return name
+
+
+def _header_name(name: str) -> str:
+    if not _HEADER_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not an HTTP header name")
+    return name
+
+
+def _credential_source(text: str) -> str:
+    kind, _, value = text.partition(":")
+    if f"{kind}:" not in CREDENTIAL_SOURCES or not value:
+        raise ValueError(f"source {text!r}: use keyring:SERVICE/USER, env:VARIABLE or "
+                         "file:/PATH (e.g. keyring:agent-egress/github)")
+    if kind == "keyring" and (value.count("/") != 1 or "" in value.split("/")):
+        raise ValueError(f"source {text!r}: a keyring source names SERVICE/USER, e.g. "
+                         "keyring:agent-egress/github")
+    if kind == "env":
+        _env_name(value)
+    if kind == "file" and not value.startswith("/"):
+        raise ValueError(f"source {text!r}: a file source needs an absolute path")
+    return text
+
+
+class CredentialSettings(_Strict):
+    """One [[credentials]] table: a secret the agent only ever holds a placeholder of."""
+
+    name: Annotated[str, AfterValidator(_credential_name)]
+    env: Annotated[str, AfterValidator(_env_name)]
+    source: Annotated[str, AfterValidator(_credential_source)]
+    hosts: list[str] = Field(min_length=1)
+    header: Annotated[str, AfterValidator(_header_name)] = "Authorization"
 
 
 class TelemetrySettings(_Strict):
@@ -170,4 +228,5 @@ class PolicyFile(_Strict):
     resolve: dict[str, IPAddressValue] = {}
     identity: dict[IPNetworkValue, AgentName] = {}  # client address or network -> agent name
     telemetry: TelemetrySettings = TelemetrySettings()
+    credentials: list[CredentialSettings] = []
     requirements: Requirements | None = None

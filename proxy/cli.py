@@ -10,7 +10,16 @@ from importlib.metadata import version
 
 from agent_egress.policy import PolicyError
 
-from . import approval_cli, ca_cli, launch, policy_cli, report_cli, run, serve_cli
+from . import (
+    approval_cli,
+    ca_cli,
+    credentials_cli,
+    launch,
+    policy_cli,
+    report_cli,
+    run,
+    serve_cli,
+)
 from .approval_client import ApprovalClientError
 from .textsafe import printable_lines
 
@@ -32,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     report_cli.add_parsers(commands)
     policy_cli.add_parsers(commands)
     ca_cli.add_parsers(commands)
+    credentials_cli.add_parsers(commands)
     return parser
 
 

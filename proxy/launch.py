@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from agent_egress.policy import load_policy
+from agent_egress.policy import PolicyError, load_policy
 
 from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
@@ -39,6 +39,16 @@ def interception_configured(config: str | None, managed: str | None) -> bool:
     """Whether the policy files a proxy would use (as serve picks them) open any TLS."""
     policy = load_policy(user_policy_file(config), managed=managed_policy_file(managed))
     return policy.interception_configured
+
+
+def secret_variables(config: str | None, managed: str | None) -> list[str]:
+    """The variables credentials read their secrets from (env: sources): the proxy's only."""
+    try:
+        policy = load_policy(user_policy_file(config), managed=managed_policy_file(managed))
+    except PolicyError:
+        return []  # the proxy refuses to start on it: no command runs
+    credentials = policy.credentials.all if policy.credentials else ()
+    return [c.source.removeprefix("env:") for c in credentials if c.source.startswith("env:")]
 
 
 def trust_environment(ca: LocalCA, directory: Path,
@@ -71,25 +81,26 @@ def format_environment(env: dict[str, str], shell: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def running_proxy_url(socket_path: Path) -> str | None:
+def running_proxy(socket_path: Path) -> tuple[str | None, dict[str, str]]:
+    """The running proxy's URL and the credentials' placeholders it gives agents."""
     try:
         with ApprovalClient(socket_path, timeout=3) as client:
             status = client.request("status")["status"]
     except (ApprovalClientError, OSError, ValueError, KeyError):
-        return None
+        return None, {}
     listen = status.get("listen") or []
-    return f"http://{listen[0]}" if listen else None
+    placeholders = status.get("agent_environment") or {}
+    return (f"http://{listen[0]}" if listen else None), {
+        str(name): str(value) for name, value in placeholders.items()}
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    url = args.proxy
-    if url is None:
-        try:
-            url = running_proxy_url(find_socket(args.approval_socket))
-        except ApprovalClientError:
-            url = None
-    url = url or DEFAULT_URL
-    env = proxy_environment(with_agent(url, args.agent_id))
+    try:
+        running, placeholders = running_proxy(find_socket(args.approval_socket))
+    except ApprovalClientError:
+        running, placeholders = None, {}
+    url = args.proxy or running or DEFAULT_URL
+    env = {**placeholders, **proxy_environment(with_agent(url, args.agent_id))}
     try:
         if args.ca_file:
             env.update(ca_environment(Path(args.ca_file), Path(args.ca_file)))

@@ -195,6 +195,11 @@ def cmd_show(args: argparse.Namespace) -> int:
             {"pattern": rule.text, "layer": rule.layer, "origin": rule.origin}
             for layer in request_layers for rule in layer.passthrough
         ],
+        "credentials": [
+            {"name": c.name, "env": c.env, "source": c.source, "header": c.header,
+             "hosts": [p.text for p in c.hosts], "origin": c.origin}
+            for c in (policy.credentials.all if policy.credentials else ())
+        ],
         "not_applied": list(policy.problems),
         "warnings": list(policy.warnings),
         "running": _running_status(args),
@@ -224,6 +229,10 @@ def _print_policy(data: dict[str, Any]) -> None:
         print("request rules (on allowed hosts; the strictest layer's verdict stands):")
         for rule in data["request_rules"]:
             print(f"  {printable(rule['rule']):<46} {printable(rule['origin'])}")
+    for credential in data["credentials"]:
+        print(f"  credential {printable(credential['name'])} ({printable(credential['env'])}, "
+              f"{printable(credential['source'])}) in {printable(credential['header'])} for "
+              f"{printable(', '.join(credential['hosts']))}  {printable(credential['origin'])}")
     for rule in data["passthrough"]:
         print(f"  passthrough {printable(rule['pattern']):<34} {printable(rule['origin'])}")
     if data["not_applied"]:

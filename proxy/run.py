@@ -23,7 +23,13 @@ from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
 from .ca import CAError
 from .ca_cli import add_ca_dir_option, local_ca
-from .launch import interception_configured, proxy_environment, trust_environment, with_agent
+from .launch import (
+    interception_configured,
+    proxy_environment,
+    secret_variables,
+    trust_environment,
+    with_agent,
+)
 from .paths import managed_policy_file, run_socket_path, user_policy_file
 from .textsafe import printable
 
@@ -59,6 +65,7 @@ def add_parsers(commands: Any) -> None:
 
 
 _LISTENING = re.compile(r"listening on (\S+)")
+_PLACEHOLDER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)")
 
 
 class RunError(Exception):
@@ -96,8 +103,8 @@ class AgentUser:
         return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
 
 
-def _start_proxy(args: argparse.Namespace, socket_path: Path,
-                 agent: AgentUser | None) -> tuple[subprocess.Popen[str], str]:
+def _start_proxy(args: argparse.Namespace, socket_path: Path, agent: AgentUser | None,
+                 placeholders: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
     command = [sys.executable, "-m", "agent_egress.proxy", "serve", "--listen", args.listen,
                "--approval-socket", str(socket_path)]
     for option, value in (("--config", args.config), ("--managed", args.managed),
@@ -111,11 +118,14 @@ def _start_proxy(args: argparse.Namespace, socket_path: Path,
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=sys.stderr, text=True,
                                stdin=subprocess.DEVNULL)
     assert process.stdout is not None
-    address = None
+    address, block = None, False
     for line in process.stdout:
+        if block and (variable := _PLACEHOLDER.fullmatch(line.strip())):
+            placeholders[variable.group(1)] = variable.group(2)  # a stand-in, not a secret
         sys.stderr.write(f"[agent-egress] {line}")
         if match := _LISTENING.search(line):
             address = match.group(1)
+        block = block or line.startswith("Set these in the agent's environment:")
         if line.strip().startswith("http_proxy="):
             break
     if address is None:
@@ -133,7 +143,7 @@ def _same_file(a: str | None, b: str | None) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _join(args: argparse.Namespace) -> str:
+def _join(args: argparse.Namespace, placeholders: dict[str, str]) -> str:
     """The URL of the running proxy to join, if it enforces the policy files run would use."""
     socket_path = find_socket(args.approval_socket)
     try:
@@ -154,6 +164,7 @@ def _join(args: argparse.Namespace) -> str:
     listen = status.get("listen") or []
     if not listen:
         raise RunError(f"--join: the proxy at {socket_path} reports no listen address")
+    placeholders.update(status.get("agent_environment") or {})
     print(f"agent-egress run: joining the proxy at http://{printable(listen[0])} "
           f"(approvals: {printable(status.get('approval_separation', ''))})", file=sys.stderr)
     return f"http://{listen[0]}"
@@ -168,16 +179,20 @@ def cmd_run(args: argparse.Namespace) -> int:
               "agent-egress run -- curl https://pypi.org/simple/", file=sys.stderr)
         return 2
     started = None
+    placeholders: dict[str, str] = {}  # the credentials' variables, from the proxy started
     try:
         agent = AgentUser.named(args.agent_user) if args.agent_user else None
         if args.join:
-            url = _join(args)
+            url = _join(args, placeholders)
         else:
-            started, url = _start_proxy(args, args.approval_socket or run_socket_path(), agent)
+            started, url = _start_proxy(args, args.approval_socket or run_socket_path(), agent,
+                                        placeholders)
     except RunError as exc:
         print(f"agent-egress run: {exc}", file=sys.stderr)
         return 2
-    env = {**os.environ, **proxy_environment(with_agent(url, args.agent_id))}
+    env = {**os.environ, **placeholders, **proxy_environment(with_agent(url, args.agent_id))}
+    for variable in secret_variables(args.config, args.managed):
+        env.pop(variable, None)  # an env: source is the proxy's to read, never the agent's
     trust_dir = None
     try:
         if (not args.join and not args.no_explain_https) or interception_configured(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog, default_audit_log_path
 from agent_egress.addons.connections import listen_addresses
+from agent_egress.addons.credentials import CredentialBroker
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.addons.failclosed import FailClosed
 from agent_egress.addons.identity import AgentIdentity
@@ -29,6 +30,7 @@ from mitmproxy import ctx, exceptions, options
 
 from .approval_server import ApprovalServer, SocketSetupError
 from .master import lean_master
+from .secretstore import SecretVault
 from .textsafe import printable
 
 if TYPE_CHECKING:
@@ -50,7 +52,7 @@ class Announce:
 
     def __init__(self, socket_path: Path, status: Callable[[], dict[str, Any]]) -> None:
         self.socket_path = socket_path
-        self.status = status
+        self.status = status  # with the credentials' placeholders ("agent_environment")
 
     def running(self) -> None:
         address = listen_addresses()[0]
@@ -67,6 +69,10 @@ class Announce:
         for warning in status.get("file_warnings", ()):
             print(f"WARNING: {printable(warning)}", flush=True)
         print("Set these in the agent's environment:", flush=True)
+        # Placeholders first (`run` reads this block up to http_proxy): not secrets, the
+        # stand-ins the proxy swaps for them.
+        for name, placeholder in status.get("agent_environment", {}).items():
+            print(f"  {name}={placeholder}", flush=True)
         for line in proxy_env_lines(url):
             print(f"  {line}", flush=True)
         # Said once: every addon in the chain is visited on every hook of every connection,
@@ -111,6 +117,8 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         def policy() -> CompiledPolicy | None:
             return enforcer.policy
 
+        vault = SecretVault()
+        broker = CredentialBroker(audit, pinning, policy, vault)
         interception = Interception(audit, pinning, policy, local_ca,
                                     explain_https=explain_https)
         port = ProxyPort(audit, interception.upstream_failure)
@@ -137,17 +145,22 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
                        "managed": ctx.options.managed_policy_file or None})
             return {**result, "running": True}
 
-        server = ApprovalServer(approvals, audit, socket_path, approver_uids,
-                                status=reloader.status, agent_uid=agent_uid,
-                                explain=explain_running)
+        def status() -> dict[str, Any]:
+            broker.sync(enforcer.policy)  # secrets read (and placeholders made) at start
+            return {**reloader.status(), "agent_environment": vault.environment()}
+
+        server = ApprovalServer(approvals, audit, socket_path, approver_uids, status=status,
+                                agent_uid=agent_uid, explain=explain_running)
         # Order matters: identity and ClientLimits (a complete head stops its deadline, before
         # a request may be held) before the enforcer; requests in a tunnel kept to explain its
-        # refusal are answered before the enforcer too (never held again); interception after
+        # refusal are answered before the enforcer too (never held again), and a misdirected
+        # credential placeholder is refused before any decision; interception after
         # it (it acts on the enforcer's CONNECT decision) and before Tunnels (which asks it);
         # FailClosed last, to refuse what nothing decided.
         proxy.addons.add(audit, pinning, approvals, port, AgentIdentity(policy, audit),
                           ClientLimits(audit, policy),
-                          ExplainedRefusals(interception, audit, port.discard_body), enforcer,
+                          ExplainedRefusals(interception, audit, port.discard_body),
+                          broker, enforcer,
                           FormOverrides(audit, policy), interception, tunnels, reloader,
                           Announce(socket_path, server.full_status), FailClosed(audit))
         try:

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 SMART_GIT = "/smart/"  # paths under it are served by git-http-backend (git's smart HTTP)
+PRIVATE_GIT = "/private/"  # the same, behind Basic auth (CountingServer.basic_auth)
 NPM_REGISTRY = "/npm/"  # an npm registry's package documents (see _npm)
 
 
@@ -25,9 +26,11 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         self.server.requests.append(self.requestline)
+        headers = getattr(self, "headers", None)  # absent when the request did not parse
+        self.server.authorizations.append(headers.get("Authorization") if headers else None)
 
     def do_GET(self) -> None:
-        if self.path.startswith(SMART_GIT):
+        if self.path.startswith((SMART_GIT, PRIVATE_GIT)):
             self._smart_git()
             return
         if self.path.startswith(NPM_REGISTRY):
@@ -48,7 +51,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         super().do_GET()
 
     def do_POST(self) -> None:
-        if self.path.startswith(SMART_GIT):
+        if self.path.startswith((SMART_GIT, PRIVATE_GIT)):
             self._smart_git()
             return
         length = int(self.headers.get("Content-Length", 0))
@@ -76,8 +79,17 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
     def _smart_git(self) -> None:
         """git's smart HTTP protocol through git-http-backend (CGI), pushes enabled: a push
-        the test sees refused was refused by the proxy, not by this origin."""
-        path, _, query = self.path[len(SMART_GIT) - 1:].partition("?")
+        the test sees refused was refused by the proxy, not by this origin. Under /private/,
+        only with the Basic credentials the server was given."""
+        if self.path.startswith(PRIVATE_GIT) and (
+                self.headers.get("Authorization") != self.server.basic_auth):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="private"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        prefix = PRIVATE_GIT if self.path.startswith(PRIVATE_GIT) else SMART_GIT
+        path, _, query = self.path[len(prefix) - 1:].partition("?")
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         env = {"PATH": "/usr/bin:/bin", "GIT_PROJECT_ROOT": str(self.server.root),
@@ -115,6 +127,8 @@ class CountingServer(http.server.ThreadingHTTPServer):
         self.root = root
         self.connections = 0
         self.requests: list[str] = []
+        self.authorizations: list[str | None] = []  # each request's Authorization header
+        self.basic_auth: str | None = None  # what /private/ requires, e.g. "Basic dXNlcjpwdw=="
         self._tls = tls
         super().__init__(("127.0.0.1", 0), self._make_handler())
 
