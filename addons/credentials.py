@@ -130,10 +130,15 @@ class CredentialBroker:
                          if c.name == credential.name)
             assert credential.secret is not None
             values = request.headers.get_all(bound.header)
-            request.headers.set_all(bound.header, [_swapped(v, credential.placeholder,
-                                                            credential.secret)
-                                                   for v in values])
-            flow.metadata.setdefault(_SWAPPED, []).append(credential)
+            sent = [_swapped(v, credential.placeholder, credential.secret) for v in values]
+            request.headers.set_all(bound.header, sent)
+            # What an echo would show, longest first: a whole header value, a Basic token
+            # (base64 of user:secret), the secret; each mapped back to what the agent sent.
+            pairs = flow.metadata.setdefault(_SWAPPED, [])
+            for new, old in zip(sent, values, strict=True):
+                if new != old:
+                    pairs += [(new, old), (new.split()[-1], old.split()[-1])]
+            pairs.append((credential.secret, credential.placeholder))
             self.audit.emit("credential.used", credential=credential.name,
                             header=bound.header, **request_fields(flow),
                             host=request.pretty_host, port=request.port)
@@ -141,26 +146,29 @@ class CredentialBroker:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """An origin that echoes a request's headers back (a debugging endpoint, an error
         page) would hand the agent the secret: in the response to a request that carried
-        one, the secret is put back as its placeholder (headers here, a held body below)."""
+        one, what was sent is put back as what the agent sent (headers here, a held body
+        below)."""
+        pairs: list[tuple[str, str]] = flow.metadata.get(_SWAPPED, [])
         response = flow.response
-        for credential in flow.metadata.get(_SWAPPED, ()):
-            assert response is not None and credential.secret is not None
-            for name, value in list(response.headers.items(multi=True)):
-                if credential.secret in value:
-                    response.headers.set_all(name, [v.replace(credential.secret,
-                                                              credential.placeholder)
-                                                    for v in response.headers.get_all(name)])
+        if not pairs or response is None:
+            return
+        for name in set(response.headers.keys()):
+            values = response.headers.get_all(name)
+            scrubbed = [_put_back(value, pairs) for value in values]
+            if scrubbed != values:
+                response.headers.set_all(name, scrubbed)
 
     def response(self, flow: http.HTTPFlow) -> None:
+        pairs: list[tuple[str, str]] = flow.metadata.get(_SWAPPED, [])
         response = flow.response
-        if response is None or not response.raw_content:
+        if not pairs or response is None or not response.raw_content:
             return
-        for credential in flow.metadata.get(_SWAPPED, ()):
-            assert credential.secret is not None
-            secret, placeholder = credential.secret.encode(), credential.placeholder.encode()
-            content = response.get_content(strict=False) or b""
-            if secret in content:
-                response.set_content(content.replace(secret, placeholder))
+        content = response.get_content(strict=False) or b""
+        scrubbed = content
+        for sent, original in pairs:
+            scrubbed = scrubbed.replace(sent.encode(), original.encode())
+        if scrubbed != content:
+            response.set_content(scrubbed)
 
     def _destination(self, flow: http.HTTPFlow) -> tuple[str, int]:
         tunnel = self.pinning.tunnel(flow.client_conn)
@@ -215,6 +223,12 @@ def _misdirection(request: http.Request, places: list[str], header: str | None) 
         if place != header.lower():
             return f"in the {place} header"
     return None
+
+
+def _put_back(value: str, pairs: list[tuple[str, str]]) -> str:
+    for sent, original in pairs:
+        value = value.replace(sent, original)
+    return value
 
 
 def _basic_text(value: str) -> str:

@@ -138,6 +138,14 @@ def test_an_origin_echoing_the_header_shows_the_agent_only_its_placeholder(broke
     assert f"authorization: Bearer {placeholder}" in result.stdout, result.stdout
     assert tls_origin.authorizations[before:] == [f"Bearer {SECRET}"]
     assert_no_secret(outputs(workdir, result))
+    basic = run(workdir, env, 'echo "token=$GH_TOKEN"; curl -sS --max-time 20 -u '
+                              f'"x-access-token:$GH_TOKEN" '
+                              f"https://api.example.test:{tls_origin.port}/headers")
+    placeholder = re.search(r"token=(\S+)", basic.stdout).group(1)
+    echoed = base64.b64encode(f"x-access-token:{placeholder}".encode()).decode()
+    assert f"authorization: Basic {echoed}" in basic.stdout, basic.stdout
+    assert tls_origin.authorizations[-1] == f"Basic {BASIC}"
+    assert_no_secret(outputs(workdir, basic))
 
 
 def test_a_passthrough_host_gets_the_placeholder_never_the_secret(broker, tls_origin) -> None:
