@@ -13,13 +13,10 @@ response of this module contains one.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import unquote
 
 from agent_egress.policy import Action, CompiledPolicy, Decision, Reason
 from mitmproxy import http
@@ -28,6 +25,15 @@ from .auditlog import AuditLog
 from .enforce import DECIDED
 from .events import decision_fields, interception_fields, request_fields
 from .pinning import UpstreamPinning
+from .placeholders import (
+    binding,
+    body,
+    misdirection,
+    places,
+    put_back,
+    scanner,
+    swapped,
+)
 from .refusals import blocked_response
 
 logger = logging.getLogger(__name__)
@@ -52,6 +58,18 @@ class Held:
         return f"Held({self.name!r}, env={self.env!r})"
 
 
+class CredentialSwap:
+    """The broker's second place in the addon chain, right after the enforcer: the swap
+    happens once the request is allowed, before mitmproxy sends its head (a streamed body
+    goes out right after)."""
+
+    def __init__(self, broker: CredentialBroker) -> None:
+        self.broker = broker
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.broker.swap(flow)
+
+
 class Vault(Protocol):
     def held(self) -> Iterable[Held]: ...
     def sync(self, policy: CompiledPolicy | None) -> list[str] | None: ...
@@ -66,11 +84,26 @@ class CredentialBroker:
         self.pinning = pinning
         self.policy = policy
         self.vault = vault
+        # Each credential as the proxy started with it: a reload cannot rebind it (the agent
+        # may be able to edit the user policy file; with credentials, that would steal them).
+        self._started: dict[str, tuple[Any, ...]] | None = None
 
     def sync(self, policy: CompiledPolicy | None) -> None:
         """Read the secrets of a policy not loaded before (at start, after each reload); a
         secret that cannot be read is said once per load (the message holds no secret)."""
-        for problem in self.vault.sync(policy) or ():
+        problems = self.vault.sync(policy)
+        if problems is None or policy is None:
+            return
+        current = {c.name: binding(c) for c in (policy.credentials.all
+                                                   if policy.credentials else ())}
+        if self._started is None:
+            self._started = current
+        for name, now in current.items():
+            if self._started.get(name) != now:
+                problems.append(f"credential {name!r} changed after the proxy started (hosts, "
+                                "header, source or variable): it is not used until the proxy "
+                                "is restarted")
+        for problem in problems:
             self.audit.emit("credential.unavailable", detail=problem)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -84,11 +117,11 @@ class CredentialBroker:
         bound = self._bound(host, port)
         swaps = []
         for credential in held:
-            places = _places(request, credential.placeholder)
-            if not places:
+            found = places(request, credential.placeholder)
+            if not found:
                 continue
             allowed = next((c for c in bound if c.name == credential.name), None)
-            where = _misdirection(request, places, allowed.header if allowed else None) if (
+            where = misdirection(request, found, allowed.header if allowed else None) if (
                 allowed is not None) else f"to {host}:{port}, which it is not bound to"
             if where is None and credential.secret is None:
                 self._refuse(flow, credential, host, port, Reason.CREDENTIAL_UNAVAILABLE,
@@ -105,16 +138,15 @@ class CredentialBroker:
             return
         length = request.headers.get("content-length", "")
         if not (length.isdigit() and int(length) <= _HELD_BODY):
-            request.stream = _scanner([c.placeholder.encode() for c in held],
+            request.stream = scanner([c.placeholder.encode() for c in held],
                                       lambda: self._cut(flow, host, port))
 
     def request(self, flow: http.HTTPFlow) -> None:
-        """After the body, and after the enforcer allowed the request: a placeholder in the
-        body is refused; the bound ones in the header are swapped."""
-        swaps: list[Held] = flow.metadata.pop(_SWAP, [])
+        """After the body: a placeholder in it is refused (the head was not sent yet for a
+        held body; a streamed one is scanned as it passes)."""
         if flow.response is not None:
             return
-        content = flow.request.raw_content
+        content = body(flow.request)
         if content:
             for credential in self.vault.held():
                 if credential.placeholder.encode() in content:
@@ -122,15 +154,25 @@ class CredentialBroker:
                     self._refuse(flow, credential, host, port, Reason.CREDENTIAL_MISDIRECTED,
                                  "its placeholder was sent in a request body")
                     return
-        if not swaps or not flow.metadata.get(DECIDED):
+
+    def swap(self, flow: http.HTTPFlow) -> None:
+        """Once the enforcer allowed the request (CredentialSwap, after it in the chain):
+        the placeholders in the bound header become the secrets, before the head is sent."""
+        swaps: list[Held] = flow.metadata.pop(_SWAP, [])
+        if not swaps or flow.response is not None or not flow.metadata.get(DECIDED):
             return
         request = flow.request
+        bound_now = self._bound(*self._destination(flow))
         for credential in swaps:
-            bound = next(c for c in self._bound(*self._destination(flow))
-                         if c.name == credential.name)
-            assert credential.secret is not None
+            bound = next((c for c in bound_now if c.name == credential.name), None)
+            if bound is None or credential.secret is None:
+                # Unbound meanwhile (a reload): refused, never sent with a stale binding.
+                host, port = self._destination(flow)
+                self._refuse(flow, credential, host, port, Reason.CREDENTIAL_UNAVAILABLE,
+                             "it is no longer bound to this host")
+                return
             values = request.headers.get_all(bound.header)
-            sent = [_swapped(v, credential.placeholder, credential.secret) for v in values]
+            sent = [swapped(v, credential.placeholder, credential.secret) for v in values]
             request.headers.set_all(bound.header, sent)
             # What an echo would show, longest first: a whole header value, a Basic token
             # (base64 of user:secret), the secret; each mapped back to what the agent sent.
@@ -154,7 +196,7 @@ class CredentialBroker:
             return
         for name in set(response.headers.keys()):
             values = response.headers.get_all(name)
-            scrubbed = [_put_back(value, pairs) for value in values]
+            scrubbed = [put_back(value, pairs) for value in values]
             if scrubbed != values:
                 response.headers.set_all(name, scrubbed)
 
@@ -170,6 +212,30 @@ class CredentialBroker:
         if scrubbed != content:
             response.set_content(scrubbed)
 
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """Frames of a WebSocket opened with a secret: the origin's are put back, the agent's
+        may not carry a placeholder (a misdirection: the connection is closed)."""
+        pairs: list[tuple[str, str]] = flow.metadata.get(_SWAPPED, [])
+        if flow.websocket is None or not flow.websocket.messages:
+            return
+        message = flow.websocket.messages[-1]
+        if not message.from_client:
+            for sent, original in pairs:
+                message.content = message.content.replace(sent.encode(), original.encode())
+            return
+        for credential in self.vault.held():
+            if credential.placeholder.encode() in message.content:
+                message.drop()
+                host, port = self._destination(flow)
+                self.audit.emit("request.decided", **request_fields(flow),
+                                **decision_fields(Decision(
+                                    Action.DENY, Reason.CREDENTIAL_MISDIRECTED, host, port,
+                                    detail=f"credential {credential.name!r}: its placeholder "
+                                           "was sent in a WebSocket message")),
+                                credential=credential.name, severity="high")
+                flow.kill()
+                return
+
     def _destination(self, flow: http.HTTPFlow) -> tuple[str, int]:
         tunnel = self.pinning.tunnel(flow.client_conn)
         if tunnel is not None:
@@ -177,10 +243,12 @@ class CredentialBroker:
         return flow.request.pretty_host, flow.request.port
 
     def _bound(self, host: str, port: int) -> tuple[Any, ...]:
+        """The credentials bound to this destination, as the proxy started with them."""
         policy = self.policy()
-        if policy is None or policy.credentials is None:
+        if policy is None or policy.credentials is None or self._started is None:
             return ()
-        return policy.credentials.bound(host, port)
+        return tuple(c for c in policy.credentials.bound(host, port)
+                     if self._started.get(c.name) == binding(c))
 
     def _refuse(self, flow: http.HTTPFlow, credential: Held, host: str, port: int,
                 reason: Reason, why: str) -> None:
@@ -197,76 +265,3 @@ class CredentialBroker:
         self.audit.emit("request.decided", **request_fields(flow), **decision_fields(decision),
                         severity="high", **interception_fields(flow))
         flow.kill()
-
-
-def _places(request: http.Request, placeholder: str) -> list[str]:
-    """Where in the request head a placeholder appears: header names, "url"."""
-    places = []
-    target = request.path
-    if placeholder in target or placeholder in unquote(target):
-        places.append("url")
-    for name, value in request.headers.items(multi=True):
-        if placeholder in value or placeholder in _basic_text(value):
-            places.append(name.lower())
-    return places
-
-
-def _misdirection(request: http.Request, places: list[str], header: str | None) -> str | None:
-    """Where a placeholder went that it may not go, or None when only its bound header."""
-    if header is None:
-        return "to a host the credential is not bound to"
-    if request.scheme != "https":
-        return "over plain HTTP"
-    for place in places:
-        if place == "url":
-            return "in the URL"
-        if place != header.lower():
-            return f"in the {place} header"
-    return None
-
-
-def _put_back(value: str, pairs: list[tuple[str, str]]) -> str:
-    for sent, original in pairs:
-        value = value.replace(sent, original)
-    return value
-
-
-def _basic_text(value: str) -> str:
-    scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != "basic" or not token:
-        return ""
-    try:
-        return base64.b64decode(token.strip(), validate=True).decode("utf-8", "replace")
-    except (binascii.Error, ValueError):
-        return ""
-
-
-def _swapped(value: str, placeholder: str, secret: str) -> str:
-    """The header value with the placeholder replaced: in place, or inside Basic."""
-    if placeholder in value:
-        return value.replace(placeholder, secret)
-    decoded = _basic_text(value)
-    if placeholder not in decoded:
-        return value
-    scheme = value.strip().partition(" ")[0]
-    encoded = base64.b64encode(decoded.replace(placeholder, secret).encode()).decode()
-    return f"{scheme} {encoded}"
-
-
-def _scanner(needles: list[bytes], cut: Callable[[], None]) -> Callable[[bytes], bytes]:
-    """A stream filter that cuts the request when a placeholder appears, across chunks."""
-    keep = max(len(n) for n in needles) - 1
-    tail = b""
-
-    def scan(chunk: bytes) -> bytes:
-        nonlocal tail
-        window = tail + chunk
-        if any(needle in window for needle in needles):
-            cut()
-            return b""
-        tail = window[-keep:] if keep else b""
-        return chunk
-
-    return scan
-
-

@@ -75,9 +75,10 @@ class ClientLimits:
 
     def websocket_message(self, flow: http.HTTPFlow) -> None:
         # mitmproxy keeps every relayed WebSocket message on the flow for the connection's
-        # life (for its UI); relayed, a message is nobody's business here any more.
+        # life (for its UI); relayed, a message is nobody's business here any more. The one
+        # being relayed stays for the addons after this one (the credential broker).
         if flow.websocket is not None:
-            flow.websocket.messages.clear()
+            del flow.websocket.messages[:-1]
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.request.method != "CONNECT" and flow.websocket is None:

@@ -42,8 +42,8 @@ class FormOverrides:
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) <= _HELD_BODY:
             flow.metadata[_CHECK] = True
-        else:
-            request.stream = _scanner(lambda: self._cut(flow))
+        else:  # after any other filter already on the stream (the credential broker's)
+            request.stream = _chained(request.stream, _scanner(lambda: self._cut(flow)))
 
     def request(self, flow: http.HTTPFlow) -> None:
         if not flow.metadata.pop(_CHECK, False) or flow.response is not None:
@@ -95,6 +95,12 @@ def _methods(request: http.Request) -> list[str]:
         return ["?"]  # a body that is no valid form: asked about as an unknown method
     return [value.decode("utf-8", "replace").strip().upper()[:32] or "?"
             for name, value in fields if name.strip() == b"_method"]
+
+
+def _chained(first: object, then: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+    if not callable(first):
+        return then
+    return lambda chunk: then(first(chunk))
 
 
 def _scanner(cut: Callable[[], None]) -> Callable[[bytes], bytes]:

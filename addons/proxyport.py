@@ -228,7 +228,18 @@ class ProxyPort:
         event reports one the proxy knows about."""
         if not isinstance(event, ResponseProtocolError):
             return None
-        return self.upstream_failure(client, event.message)
+        if (answer := self.upstream_failure(client, event.message)) is not None:
+            return answer
+        if event.code.http_status_code() != 502:
+            return None  # not the origin's failure (a client error, a killed flow)
+        # mitmproxy's own page quotes what the origin sent, which can echo the request (a
+        # credential the proxy added): said in the proxy's words instead.
+        what = event.message.split(":", 1)[0][:80]
+        self.audit.emit("upstream.failed", client=client_text(client), detail=what)
+        return http.Response.make(502, f"agent-egress: the origin's response could not be "
+                                       f"read ({what}); nothing of it was passed on.\n",
+                                  {"Content-Type": "text/plain; charset=utf-8",
+                                   "Connection": "close"})
 
     def discard_body(self, request: http.Request) -> None:
         """Read and drop this (refused) request's body rather than buffer it."""
