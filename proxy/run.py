@@ -193,6 +193,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     env = {**os.environ, **placeholders, **proxy_environment(with_agent(url, args.agent_id))}
     for variable in secret_variables(args.config, args.managed):
         env.pop(variable, None)  # an env: source is the proxy's to read, never the agent's
+    if placeholders.keys() - proxy_environment("").keys() and agent is None:
+        print("agent-egress run: WARNING: the command runs as your user, so it can read the "
+              "proxy's memory, environment and keyring, and with them the credentials' "
+              "secrets; run it as another user (--agent-user) to keep them out of its reach",
+              file=sys.stderr)
     trust_dir = None
     try:
         if (not args.join and not args.no_explain_https) or interception_configured(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog, default_audit_log_path
 from agent_egress.addons.connections import listen_addresses
-from agent_egress.addons.credentials import CredentialBroker
+from agent_egress.addons.credentials import CredentialBroker, CredentialSwap
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.addons.failclosed import FailClosed
 from agent_egress.addons.identity import AgentIdentity
@@ -160,7 +160,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         proxy.addons.add(audit, pinning, approvals, port, AgentIdentity(policy, audit),
                           ClientLimits(audit, policy),
                           ExplainedRefusals(interception, audit, port.discard_body),
-                          broker, enforcer,
+                          broker, enforcer, CredentialSwap(broker),
                           FormOverrides(audit, policy), interception, tunnels, reloader,
                           Announce(socket_path, server.full_status), FailClosed(audit))
         try:
