@@ -161,7 +161,8 @@ def add_parsers(commands: Any) -> None:
                     f"{DEFAULT_URL}). When the policy (--config/--managed, picked as serve "
                     "picks them) intercepts TLS, also the CA variables common tools read, "
                     "pointing at a bundle of the trust you had plus the local CA "
-                    "(docs/interception.md).")
+                    "(docs/interception.md), and the placeholders of the running proxy's "
+                    "credentials (docs/credentials.md).")
     env.add_argument("--shell", choices=("bash", "fish", "powershell", "dotenv"),
                      default="bash")
     env.add_argument("--proxy", metavar="URL", help="proxy URL (default: the running proxy)")
