@@ -203,6 +203,11 @@ def test_one_agent_flooding_1000_destinations_holds_20(tmp_path, tls_origin, pla
         for index in range(1000):
             sockets.append(send_connect(process, f"flood-{index}.test", tls_origin.port,
                                         f"127.0.1.{index % 5 + 1}", agent="flooder"))
+            if index % 50 == 49:
+                # Paced below the listen backlog (asyncio's 100): on a loaded 2-core machine a
+                # burst of 1,000 connects overflows it and the kernel resets some, which is
+                # not what this test is about.
+                time.sleep(0.1)
         replies = answered(sockets, expect=980, wait=60)
         assert len(replies) == 980
         assert all(b"approval_queue_full" in r for r in replies.values())
