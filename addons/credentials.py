@@ -124,11 +124,11 @@ class CredentialBroker:
             where = misdirection(request, found, allowed.header if allowed else None) if (
                 allowed is not None) else f"to {host}:{port}, which it is not bound to"
             if where is None and credential.secret is None:
-                self._refuse(flow, credential, host, port, Reason.CREDENTIAL_UNAVAILABLE,
+                self._refuse(flow, credential, Reason.CREDENTIAL_UNAVAILABLE,
                              f"its secret could not be read ({credential.problem})")
                 return
             if where is not None:
-                self._refuse(flow, credential, host, port, Reason.CREDENTIAL_MISDIRECTED,
+                self._refuse(flow, credential, Reason.CREDENTIAL_MISDIRECTED,
                              f"its placeholder was sent {where}")
                 return
             swaps.append(credential)
@@ -139,7 +139,7 @@ class CredentialBroker:
         length = request.headers.get("content-length", "")
         if not (length.isdigit() and int(length) <= _HELD_BODY):
             request.stream = scanner([c.placeholder.encode() for c in held],
-                                      lambda: self._cut(flow, host, port))
+                                     lambda index: self._cut(flow, held[index]))
 
     def request(self, flow: http.HTTPFlow) -> None:
         """After the body: a placeholder in it is refused (the head was not sent yet for a
@@ -150,8 +150,7 @@ class CredentialBroker:
         if content:
             for credential in self.vault.held():
                 if credential.placeholder.encode() in content:
-                    host, port = self._destination(flow)
-                    self._refuse(flow, credential, host, port, Reason.CREDENTIAL_MISDIRECTED,
+                    self._refuse(flow, credential, Reason.CREDENTIAL_MISDIRECTED,
                                  "its placeholder was sent in a request body")
                     return
 
@@ -167,8 +166,7 @@ class CredentialBroker:
             bound = next((c for c in bound_now if c.name == credential.name), None)
             if bound is None or credential.secret is None:
                 # Unbound meanwhile (a reload): refused, never sent with a stale binding.
-                host, port = self._destination(flow)
-                self._refuse(flow, credential, host, port, Reason.CREDENTIAL_UNAVAILABLE,
+                self._refuse(flow, credential, Reason.CREDENTIAL_UNAVAILABLE,
                              "it is no longer bound to this host")
                 return
             values = request.headers.get_all(bound.header)
@@ -226,13 +224,8 @@ class CredentialBroker:
         for credential in self.vault.held():
             if credential.placeholder.encode() in message.content:
                 message.drop()
-                host, port = self._destination(flow)
-                self.audit.emit("request.decided", **request_fields(flow),
-                                **decision_fields(Decision(
-                                    Action.DENY, Reason.CREDENTIAL_MISDIRECTED, host, port,
-                                    detail=f"credential {credential.name!r}: its placeholder "
-                                           "was sent in a WebSocket message")),
-                                credential=credential.name, severity="high")
+                self._record(flow, credential, Reason.CREDENTIAL_MISDIRECTED,
+                             "its placeholder was sent in a WebSocket message")
                 flow.kill()
                 return
 
@@ -250,18 +243,23 @@ class CredentialBroker:
         return tuple(c for c in policy.credentials.bound(host, port)
                      if self._started.get(c.name) == binding(c))
 
-    def _refuse(self, flow: http.HTTPFlow, credential: Held, host: str, port: int,
-                reason: Reason, why: str) -> None:
+    def _record(self, flow: http.HTTPFlow, credential: Held, reason: Reason,
+                why: str) -> Decision:
+        """The refusal's event: high severity, the credential's name, never its value."""
+        host, port = self._destination(flow)
         decision = Decision(Action.DENY, reason, host, port,
                             detail=f"credential {credential.name!r} ({credential.env}): {why}")
         self.audit.emit("request.decided", **request_fields(flow), **decision_fields(decision),
                         credential=credential.name, severity="high",
                         **interception_fields(flow))
-        flow.response = blocked_response(decision, flow.request)
+        return decision
 
-    def _cut(self, flow: http.HTTPFlow, host: str, port: int) -> None:
-        decision = Decision(Action.DENY, Reason.CREDENTIAL_MISDIRECTED, host, port,
-                            detail="a credential's placeholder was sent in a streamed body")
-        self.audit.emit("request.decided", **request_fields(flow), **decision_fields(decision),
-                        severity="high", **interception_fields(flow))
+    def _refuse(self, flow: http.HTTPFlow, credential: Held, reason: Reason, why: str) -> None:
+        flow.response = blocked_response(self._record(flow, credential, reason, why),
+                                         flow.request)
+
+    def _cut(self, flow: http.HTTPFlow, credential: Held) -> None:
+        """A placeholder in a streamed body: the part before it has gone, the rest never does."""
+        self._record(flow, credential, Reason.CREDENTIAL_MISDIRECTED,
+                     "its placeholder was sent in a streamed request body")
         flow.kill()

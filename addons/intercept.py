@@ -18,6 +18,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Protocol
 
 import certifi
@@ -59,9 +60,11 @@ class Intercepted:
     refusal: Decision | None = None  # explain_https: every request is answered with it
 
 
+@cache
 def system_trust() -> tuple[str | None, str | None]:
     """The system's CA bundle (file, directory) as OpenSSL finds it (SSL_CERT_FILE and
-    SSL_CERT_DIR apply), with certifi's bundle when the system has none."""
+    SSL_CERT_DIR apply), with certifi's bundle when the system has none; looked up once, not
+    per upstream connection."""
     paths = ssl.get_default_verify_paths()
     cafile = paths.cafile if paths.cafile and os.path.isfile(paths.cafile) else None
     capath = paths.capath if paths.capath and os.path.isdir(paths.capath) else None

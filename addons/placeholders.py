@@ -81,16 +81,17 @@ def swapped(value: str, placeholder: str, secret: str) -> str:
     return f"{scheme} {encoded}"
 
 
-def scanner(needles: list[bytes], cut: Callable[[], None]) -> Callable[[bytes], bytes]:
-    """A stream filter that cuts the request when a placeholder appears, across chunks."""
+def scanner(needles: list[bytes], cut: Callable[[int], None]) -> Callable[[bytes], bytes]:
+    """A stream filter that cuts the request when a placeholder appears, across chunks
+    (``cut`` is told which one)."""
     keep = max(len(n) for n in needles) - 1
     tail = b""
 
     def scan(chunk: bytes) -> bytes:
         nonlocal tail
         window = tail + chunk
-        if any(needle in window for needle in needles):
-            cut()
+        if found := [i for i, needle in enumerate(needles) if needle in window]:
+            cut(found[0])
             return b""
         tail = window[-keep:] if keep else b""
         return chunk

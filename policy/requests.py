@@ -118,9 +118,27 @@ class RequestLayer:
         return index.match_ip(ip, port) if ip is not None else index.match_name(host, port)
 
 
+class _LayerRules(NamedTuple):
+    """One layer's rules for one host, sorted once (per host, cached) for the per-request
+    walk: its read_only entry, its deny rules, its allow/ask rules most specific first."""
+
+    name: str
+    read_only: RequestRule | None
+    denies: tuple[RequestRule, ...]
+    choices: tuple[RequestRule, ...]
+
+    @classmethod
+    def of(cls, name: str, rules: tuple[RequestRule, ...]) -> _LayerRules:
+        requests = [r for r in rules if r.list_name == "requests"]
+        return cls(name, next((r for r in rules if r.list_name == "read_only"), None),
+                   tuple(r for r in requests if r.action is Action.DENY),
+                   tuple(sorted((r for r in requests if r.action is not Action.DENY),
+                                key=lambda r: r.rank)))  # stable: file order among equals
+
+
 class _HostRules(NamedTuple):
     host: str
-    per_layer: tuple[tuple[str, tuple[RequestRule, ...]], ...]  # layers with rules for host
+    per_layer: tuple[_LayerRules, ...]  # the layers with rules for the host
     passthrough: Rule | None  # the passthrough entry that keeps this host out, if any
 
     @property
@@ -161,7 +179,7 @@ class RequestPolicy:
         for layer in self.layers:  # managed first: its passthrough beats user rules
             rules = layer.covering(normal.name, normal.ip, port)
             if rules:
-                per_layer.append((layer.name, rules))
+                per_layer.append(_LayerRules.of(layer.name, rules))
             elif passthrough is None and not per_layer:
                 passthrough = layer.passes_through(normal.name, normal.ip, port)
                 if passthrough is not None:
@@ -184,33 +202,32 @@ class RequestPolicy:
         except InvalidPath as exc:
             return Decision(Action.DENY, Reason.INVALID_REQUEST, host, port,
                             detail=f"{shown}: {exc}")
-        verdicts = [_layer_verdict(name, layer_rules, self.default, host, port, method, path,
-                                   shown) for name, layer_rules in rules.per_layer]
+        verdicts = [_layer_verdict(layer, self.default, host, port, method, path, shown)
+                    for layer in rules.per_layer]
         return max(verdicts, key=lambda d: _STRICTNESS[d.action])
 
 
-def _layer_verdict(layer: str, rules: tuple[RequestRule, ...], default: Action, host: str,
-                   port: int, method: str, path: str, shown: str) -> Decision:
-    read_only = next((r for r in rules if r.list_name == "read_only"), None)
+def _layer_verdict(rules: _LayerRules, default: Action, host: str, port: int, method: str,
+                   path: str, shown: str) -> Decision:
+    layer, read_only = rules.name, rules.read_only
     if read_only is not None and method not in READ_ONLY_METHODS:
         return Decision(Action.DENY, Reason.READ_ONLY, host, port, read_only,
                         f"{shown}: {host} is read-only, only GET, HEAD and OPTIONS are sent",
                         layer)
-    requests = [r for r in rules if r.list_name == "requests"]
-    forms = deny_forms(path)
-    for rule in requests:
-        if rule.action is Action.DENY and rule.refuses(method, forms):
-            return Decision(Action.DENY, Reason.REQUEST_DENIED, host, port, rule,
-                            f"{shown}: matches the deny request rule", layer)
-    candidates = [r for r in requests if r.action is not Action.DENY and r.matches(method, path)]
-    if candidates:
-        rule = min(candidates, key=lambda r: r.rank)  # stable: file order among equals
+    if rules.denies:
+        forms = deny_forms(path)
+        for rule in rules.denies:
+            if rule.refuses(method, forms):
+                return Decision(Action.DENY, Reason.REQUEST_DENIED, host, port, rule,
+                                f"{shown}: matches the deny request rule", layer)
+    rule = next((r for r in rules.choices if r.matches(method, path)), None)
+    if rule is not None:  # the first match is the most specific (choices are sorted)
         if rule.action is Action.ASK:
             return Decision(Action.ASK, Reason.NEEDS_APPROVAL, host, port, rule,
                             f"{shown}: needs a person's approval under the request rule", layer)
         return Decision(Action.ALLOW, Reason.REQUEST_RULE, host, port, rule,
                         f"{shown}: matches the request rule", layer)
-    if not any(r.action is not Action.DENY for r in requests):
+    if not rules.choices:
         # No allow or ask rule names what is allowed here: deny rules alone refuse only what
         # they match, and read_only only writes.
         if read_only is not None:
@@ -221,11 +238,11 @@ def _layer_verdict(layer: str, rules: tuple[RequestRule, ...], default: Action, 
     if default is Action.ALLOW:
         return Decision(Action.ALLOW, Reason.REQUEST_RULE, host, port, None,
                         f"{shown}: matches no request rule; request_default is allow", layer)
-    path_rules = [r for r in requests if r.action is not Action.DENY and r.path_matches(path)]
-    reason = Reason.METHOD_NOT_ALLOWED if path_rules else Reason.PATH_NOT_ALLOWED
-    closest = min(path_rules or requests, key=lambda r: r.rank)
+    on_path = next((r for r in rules.choices if r.path_matches(path)), None)
+    reason = Reason.METHOD_NOT_ALLOWED if on_path else Reason.PATH_NOT_ALLOWED
+    closest = on_path or rules.choices[0]
     what = (f"{method} is not among the methods the request rules allow for this path"
-            if path_rules else "no request rule for this host covers this path")
+            if on_path else "no request rule for this host covers this path")
     if default is Action.ASK:
         return Decision(Action.ASK, Reason.NEEDS_APPROVAL, host, port, None,
                         f"{shown}: {what}; request_default asks a person", layer)

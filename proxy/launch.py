@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from agent_egress.policy import PolicyError, load_policy
+from agent_egress.policy import CompiledPolicy, load_policy
 
 from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
@@ -35,18 +35,13 @@ def proxy_environment(url: str) -> dict[str, str]:
     return env
 
 
-def interception_configured(config: str | None, managed: str | None) -> bool:
-    """Whether the policy files a proxy would use (as serve picks them) open any TLS."""
-    policy = load_policy(user_policy_file(config), managed=managed_policy_file(managed))
-    return policy.interception_configured
+def chosen_policy(config: str | None, managed: str | None) -> CompiledPolicy:
+    """The policy files a proxy would use (as serve picks them), loaded; raises PolicyError."""
+    return load_policy(user_policy_file(config), managed=managed_policy_file(managed))
 
 
-def secret_variables(config: str | None, managed: str | None) -> list[str]:
+def secret_variables(policy: CompiledPolicy) -> list[str]:
     """The variables credentials read their secrets from (env: sources): the proxy's only."""
-    try:
-        policy = load_policy(user_policy_file(config), managed=managed_policy_file(managed))
-    except PolicyError:
-        return []  # the proxy refuses to start on it: no command runs
     credentials = policy.credentials.all if policy.credentials else ()
     return [c.source.removeprefix("env:") for c in credentials if c.source.startswith("env:")]
 
@@ -104,7 +99,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     try:
         if args.ca_file:
             env.update(ca_environment(Path(args.ca_file), Path(args.ca_file)))
-        elif interception_configured(args.config, args.managed):
+        elif chosen_policy(args.config, args.managed).interception_configured:
             env.update(trust_environment(local_ca(args), data_dir() / "trust", os.environ))
     except CAError as exc:
         print(f"agent-egress env: {printable(exc)}", file=sys.stderr)

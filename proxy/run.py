@@ -24,14 +24,14 @@ from .approval_client import ApprovalClient, ApprovalClientError, find_socket
 from .ca import CAError
 from .ca_cli import add_ca_dir_option, local_ca
 from .launch import (
-    interception_configured,
+    chosen_policy,
     proxy_environment,
     secret_variables,
     trust_environment,
     with_agent,
 )
 from .paths import managed_policy_file, run_socket_path, user_policy_file
-from .textsafe import printable
+from .textsafe import printable, printable_lines
 
 
 def add_parsers(commands: Any) -> None:
@@ -191,21 +191,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"agent-egress run: {exc}", file=sys.stderr)
         return 2
     env = {**os.environ, **placeholders, **proxy_environment(with_agent(url, args.agent_id))}
-    for variable in secret_variables(args.config, args.managed):
-        env.pop(variable, None)  # an env: source is the proxy's to read, never the agent's
-    if placeholders.keys() - proxy_environment("").keys() and agent is None:
-        print("agent-egress run: WARNING: the command runs as your user, so it can read the "
-              "proxy's memory, environment and keyring, and with them the credentials' "
-              "secrets; run it as another user (--agent-user) to keep them out of its reach",
-              file=sys.stderr)
     trust_dir = None
     try:
-        if (not args.join and not args.no_explain_https) or interception_configured(
-                args.config, args.managed):
+        policy = chosen_policy(args.config, args.managed)  # the files the proxy enforces
+        for variable in secret_variables(policy):
+            env.pop(variable, None)  # an env: source is the proxy's to read, never the agent's
+        if policy.credentials and policy.credentials.all and agent is None:
+            print("agent-egress run: WARNING: the command runs as your user, so it can read "
+                  "the proxy's memory, environment and keyring, and with them the "
+                  "credentials' secrets; run it as another user (--agent-user) to keep them "
+                  "out of its reach", file=sys.stderr)
+        if (not args.join and not args.no_explain_https) or policy.interception_configured:
             trust_dir = Path(tempfile.mkdtemp(prefix="agent-egress-trust-"))
             env.update(trust_environment(local_ca(args), trust_dir, os.environ))
     except (CAError, PolicyError, OSError) as exc:
-        print(f"agent-egress run: cannot give the command the CA: {printable(exc)}",
+        print(f"agent-egress run: cannot prepare the command's environment: "
+              f"{printable_lines(exc)}",
               file=sys.stderr)
         _stop(started)
         return 2
