@@ -25,17 +25,23 @@ from agent_egress.policy import (
     Action,
     CompiledPolicy,
     Decision,
-    InvalidHost,
     PolicyError,
-    normalize_host,
-    split_host_port,
 )
 from mitmproxy import http
 
 from . import connections
 from .auditlog import AuditLog
 from .events import client_text, logged_path
-from .pending import ApprovalError, Pending, Verdict, Waiter, client_gone, owners_of
+from .pending import (
+    ApprovalError,
+    Pending,
+    Verdict,
+    Waiter,
+    check_decision,
+    client_gone,
+    find_pending,
+    owners_of,
+)
 
 _PENDING_ID = re.compile(r"[0-9a-f]{8}")
 _CLIENT_CHECK_INTERVAL = 0.25
@@ -84,10 +90,25 @@ class Approvals:
         self._subscribers.discard(callback)
 
     def _notify(self, event: str, pending: Pending, **extra: Any) -> None:
-        message = {"event": event,
-                   "pending": pending.summary(asyncio.get_running_loop().time()), **extra}
+        self.broadcast({"event": event,
+                        "pending": pending.summary(asyncio.get_running_loop().time()), **extra})
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        """To every subscriber (approvers watching, auto-review)."""
         for callback in list(self._subscribers):
             callback(message)
+
+    def grant(self, host: str, port: int, verdict: Verdict) -> None:
+        """A session decision made without a pending approval (auto-review's)."""
+        self._session.setdefault(host, {})[port] = verdict
+
+    def annotate(self, approval_id: str, review: dict[str, Any]) -> None:
+        """Show a reviewer's assessment beside a pending approval (ApprovalError if gone)."""
+        pending = self._by_id.get(approval_id)
+        if pending is None:
+            raise ApprovalError("unknown_id", f"no pending request with id {approval_id}")
+        pending.review = review
+        self._notify("pending.updated", pending)
 
     # -- holding ---------------------------------------------------------------------------
 
@@ -114,7 +135,8 @@ class Approvals:
             f"not asked about: {why}; retry once those are decided (agent-egress pending)"))
 
     async def hold(self, flow: http.HTTPFlow, decision: Decision, timeout: float,
-                   agent: str | None = None, asked: str = "") -> Verdict | None:
+                   agent: str | None = None, asked: str = "",
+                   review: dict[str, Any] | None = None) -> Verdict | None:
         """Wait for a person's verdict on this request; None if the client left first.
 
         ``asked`` ("METHOD /path") holds it for an ask request rule: one pending approval
@@ -133,7 +155,7 @@ class Approvals:
                 client=client_text(flow.client_conn) or "", agent=agent,
                 owners=owners_of(flow, agent), opened=time.time(),
                 deadline=loop.time() + timeout, request=asked,
-                rule=decision.rule.text if asked and decision.rule else None,
+                rule=decision.rule.text if asked and decision.rule else None, review=review,
             )
             self._per_owner.update(pending.owners)
             pending.timer = loop.call_at(pending.deadline, self._expire, pending)
@@ -211,38 +233,13 @@ class Approvals:
 
     # -- deciding --------------------------------------------------------------------------
 
-    def _find(self, target: str) -> tuple[list[Pending], str, int | None]:
-        if target in self._by_id:
-            pending = self._by_id[target]
-            return [pending], pending.host, pending.port
-        if _PENDING_ID.fullmatch(target):  # an id (8 hex digits), not a one-label host name
-            raise ApprovalError("unknown_id", f"no pending request with id {target} (it may "
-                                "have been decided or expired); 'agent-egress pending' lists "
-                                "the waiting ones")
-        try:
-            host_text, port = split_host_port(target)
-            host = normalize_host(host_text).name
-        except InvalidHost as exc:
-            raise ApprovalError("bad_target",
-                                f"{target!r} is neither a pending id nor a HOST[:PORT]: {exc}"
-                                ) from None
-        matches = [p for p in self.pending.values()
-                   if p.host == host and (port is None or p.port == port)]
-        return matches, host, port
-
-    def decide(self, target: str, decision: str, scope: str, actor: str) -> dict[str, Any]:
-        """Apply a person's decision; returns what it did, for the approver's client."""
-        if decision not in ("allow", "deny"):
-            raise ApprovalError("bad_request", "decision must be 'allow' or 'deny'")
-        if scope not in SCOPES:
-            raise ApprovalError("bad_request", f"scope must be one of {', '.join(SCOPES)}")
-        if scope not in self.allowed_scopes:
-            allowed = ", ".join(s for s in SCOPES if s in self.allowed_scopes)
-            raise ApprovalError("forbidden_scope",
-                                f"the managed policy does not allow {scope!r} decisions "
-                                f"(allowed_approval_scopes: {allowed})")
+    def decide(self, target: str, decision: str, scope: str, actor: str,
+               detail: str = "") -> dict[str, Any]:
+        """Apply a person's (or auto-review's) decision; returns what it did, for the
+        approver's client. ``detail``: the reviewer's rationale, told to the agent."""
+        check_decision(decision, scope, self.allowed_scopes)
         action = Action(decision)
-        matches, host, port = self._find(target)
+        matches, host, port = find_pending(target, self._by_id, self.pending.values())
         if not matches and scope == "once":
             raise ApprovalError("not_found", f"nothing is waiting for {target}; "
                                 "use --scope session or always to decide ahead of a request")
@@ -264,7 +261,7 @@ class Approvals:
         released = 0
         ids = []
         for pending in matches or [None]:
-            verdict = Verdict(action, scope, actor, pending.id if pending else None)
+            verdict = Verdict(action, scope, actor, pending.id if pending else None, detail)
             if pending is not None and pending.request:
                 if scope == "session":
                     self._session_requests[pending.key] = verdict

@@ -26,10 +26,12 @@ from mitmproxy import ctx, exceptions, http
 
 from .approvals import Approvals
 from .auditlog import AuditLog
+from .autoreview import AutoReview
 from .events import decision_fields, interception_fields, logged_path, request_fields
 from .httpchecks import (
     host_header_mismatch,
     implied_requests,
+    invalid_request,
     name_decided_host,
     strip_upgrade,
     tunnel_target_mismatch,
@@ -60,10 +62,12 @@ class Enforcer:
     """
 
     def __init__(self, audit: AuditLog, pinning: UpstreamPinning, approvals: Approvals,
-                 discard_body: Callable[[http.Request], None] = lambda request: None) -> None:
+                 discard_body: Callable[[http.Request], None] = lambda request: None,
+                 review: AutoReview | None = None) -> None:
         self.audit = audit
         self.pinning = pinning
         self.approvals = approvals
+        self.review = review  # answers held destinations before a person, when enabled
         self.discard_body = discard_body  # a refused request's body is read and dropped
         self.policy: CompiledPolicy | None = None
         self.loaded_from: tuple[Any, ...] = ()  # the policy files' signature when read
@@ -134,17 +138,8 @@ class Enforcer:
         await self._guarded(flow, self._request(flow))
 
     def _record_invalid(self, flow: http.HTTPFlow) -> None:
-        request = flow.request
-        tunnel = self.pinning.tunnel(flow.client_conn)
-        if tunnel is not None and request.method == "CONNECT":
-            reason, detail = Reason.TUNNEL_PROTOCOL, "a CONNECT inside a tunnel"
-        else:
-            reason, detail = Reason.INVALID_REQUEST, str(flow.error.msg if flow.error else "")
-        host = tunnel.name if tunnel is not None else request.pretty_host
-        port = tunnel.port if tunnel is not None else request.port
-        self.audit.emit("request.decided", **request_fields(flow),
-                        **decision_fields(Decision(Action.DENY, reason, host, port,
-                                                   detail=detail)))
+        refusal = invalid_request(flow, self.pinning.tunnel(flow.client_conn))
+        self.audit.emit("request.decided", **request_fields(flow), **decision_fields(refusal))
 
     async def _guarded(self, flow: http.HTTPFlow, deciding: Awaitable[None]) -> None:
         try:
@@ -194,15 +189,19 @@ class Enforcer:
         assert self.policy is not None
         settings = self.policy.settings
         agent = agent_of(flow)
-        verdict = self.approvals.session_verdict(
-            held.host, held.port, request) or self.approvals.admit(
+        verdict = self.approvals.session_verdict(held.host, held.port, request)
+        review = None
+        if verdict is None and self.review is not None and not request and (
+                (held.host, held.port, "") not in self.approvals.pending):  # not joining one
+            verdict, review = self.review.first_look(self.policy, flow, held, agent)
+        verdict = verdict or self.approvals.admit(
             flow, held, agent, settings.max_pending, settings.max_pending_per_agent, request)
         if verdict is None:
             self.audit.emit("request.decided", **request_fields(flow),
                             **{**decision_fields(held), "decision": "held"},
                             **interception_fields(flow))
             verdict = await self.approvals.hold(flow, held, settings.approval_timeout,
-                                                agent=agent, asked=request)
+                                                agent=agent, asked=request, review=review)
             if verdict is None:
                 flow.kill()
                 return None

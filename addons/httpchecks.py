@@ -36,6 +36,18 @@ def strip_upgrade(request: http.Request) -> None:
         request.headers["connection"] = ", ".join(kept)
 
 
+def invalid_request(flow: http.HTTPFlow, tunnel: Pin | None) -> Decision:
+    """What a request mitmproxy refused as malformed is recorded as."""
+    request = flow.request
+    if tunnel is not None and request.method == "CONNECT":
+        reason, detail = Reason.TUNNEL_PROTOCOL, "a CONNECT inside a tunnel"
+    else:
+        reason, detail = Reason.INVALID_REQUEST, str(flow.error.msg if flow.error else "")
+    host = tunnel.name if tunnel is not None else request.pretty_host
+    port = tunnel.port if tunnel is not None else request.port
+    return Decision(Action.DENY, reason, host, port, detail=detail)
+
+
 def tunnel_target_mismatch(request: http.Request, tunnel: Pin) -> Decision | None:
     """A request inside a tunnel must name the tunnel's host, in its target and its Host
     header; an absolute-form target naming another host is domain fronting over HTTP."""

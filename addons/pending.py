@@ -4,16 +4,28 @@ verdict that releases them."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from agent_egress.policy import Action, Decision, Reason
+from agent_egress.policy import (
+    SCOPES,
+    Action,
+    Decision,
+    InvalidHost,
+    Reason,
+    normalize_host,
+    split_host_port,
+)
 from mitmproxy import connection, http
 from mitmproxy.connection import ConnectionState
 
 from . import connections
+
+_PENDING_ID = re.compile(r"[0-9a-f]{8}")
 
 
 class ApprovalError(Exception):
@@ -57,6 +69,7 @@ class Pending:
     timer: asyncio.TimerHandle | None = None
     request: str = ""  # "METHOD /path" when held by an ask request rule
     rule: str | None = None  # that request rule
+    review: dict[str, Any] | None = None  # auto-review's assessment (autoreview.note)
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -75,7 +88,42 @@ class Pending:
             "clients_gone": not self.waiters,
             "expires_in": max(0.0, round(self.deadline - now, 1)),
             "request_rule": self.rule,
+            "review": self.review,
         }
+
+
+def check_decision(decision: str, scope: str, allowed_scopes: frozenset[str]) -> None:
+    """ApprovalError unless a decision is allow or deny, in a scope the policy permits."""
+    if decision not in ("allow", "deny"):
+        raise ApprovalError("bad_request", "decision must be 'allow' or 'deny'")
+    if scope not in SCOPES:
+        raise ApprovalError("bad_request", f"scope must be one of {', '.join(SCOPES)}")
+    if scope not in allowed_scopes:
+        allowed = ", ".join(s for s in SCOPES if s in allowed_scopes)
+        raise ApprovalError("forbidden_scope",
+                            f"the managed policy does not allow {scope!r} decisions "
+                            f"(allowed_approval_scopes: {allowed})")
+
+
+def find_pending(target: str, by_id: Mapping[str, Pending],
+                 pending: Iterable[Pending]) -> tuple[list[Pending], str, int | None]:
+    """The pending approvals an approver's target names: an id, or HOST[:PORT]."""
+    if target in by_id:
+        found = by_id[target]
+        return [found], found.host, found.port
+    if _PENDING_ID.fullmatch(target):  # an id (8 hex digits), not a one-label host name
+        raise ApprovalError("unknown_id", f"no pending request with id {target} (it may "
+                            "have been decided or expired); 'agent-egress pending' lists "
+                            "the waiting ones")
+    try:
+        host_text, port = split_host_port(target)
+        host = normalize_host(host_text).name
+    except InvalidHost as exc:
+        raise ApprovalError("bad_target",
+                            f"{target!r} is neither a pending id nor a HOST[:PORT]: {exc}"
+                            ) from None
+    matches = [p for p in pending if p.host == host and (port is None or p.port == port)]
+    return matches, host, port
 
 
 def verdict_decision(held: Decision, verdict: Verdict, timeout: float) -> Decision:
@@ -90,8 +138,9 @@ def verdict_decision(held: Decision, verdict: Verdict, timeout: float) -> Decisi
     if verdict.action is Action.ALLOW:
         return held._replace(action=Action.ALLOW, reason=Reason.APPROVED,
                              detail=f"approved by {verdict.actor} ({verdict.scope})")
+    why = f": {verdict.detail}" if verdict.detail else ""
     return held._replace(action=Action.DENY, reason=Reason.DENIED_BY_APPROVER,
-                         detail=f"denied by {verdict.actor} ({verdict.scope})")
+                         detail=f"denied by {verdict.actor} ({verdict.scope}){why}")
 
 
 def verdict_fields(verdict: Verdict | None) -> dict[str, Any]:

@@ -323,6 +323,20 @@ class TelemetryPolicy:
 
 
 @dataclass(frozen=True)
+class AutoReviewPolicy:
+    """[approvals.auto_review] after layering (policy.review_layering)."""
+
+    enabled: bool = False
+    max_risk: str = "low"  # "low" | "medium"
+    scope: str = "session"  # "once" | "session"
+    model_url: str = ""  # empty: the rules reviewer alone
+    model: str = ""
+    api_key: str = ""  # a secret source: env:VAR, keyring:SERVICE/USER, file:/PATH
+    timeout: float = 20.0
+    max_denials: int = 3
+
+
+@dataclass(frozen=True)
 class Settings:
     """The effective non-rule settings, after layering."""
 
@@ -348,6 +362,7 @@ class Settings:
     explain_https: bool = False  # refused HTTPS answered over TLS with the proxy's CA
     upstream_ca_file: str | None = None  # trust for intercepted origins, instead of the system's
     request_default: Action = Action.DENY  # a request to a restricted host no rule matches
+    auto_review: AutoReviewPolicy = field(default_factory=AutoReviewPolicy)
 
     def agent_for(self, address: IPAddress) -> str | None:
         """The configured agent name for a client address, if any."""

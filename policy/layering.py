@@ -25,6 +25,7 @@ from .patterns import parse_pattern
 from .presets import presets
 from .request_layering import bounded_user_layer, compile_request_layer, request_settings
 from .requests import RequestLayer, RequestPolicy
+from .review_layering import auto_review_policy
 from .source import ParsedFile, locate
 
 _STRICTNESS = {"allow": 0, "ask": 1, "deny": 2}
@@ -117,8 +118,10 @@ def compile_layers(user: ParsedFile, managed: ParsedFile | None,
             user_rules.credentials, managed_rules.credentials,
             managed.model.requirements.credential_hosts if managed.model.requirements else None,
             managed_rules.requests.passthrough, violations.add)
-    settings = replace(_effective_settings(user, managed, resolve, violations),
-                       **request_settings(user, managed, violations.add))
+    settings = _effective_settings(user, managed, resolve, violations)
+    settings = replace(settings, **request_settings(user, managed, violations.add),
+                       auto_review=auto_review_policy(user, managed, violations.add,
+                                                      settings.approval_scopes))
     layers.append(Layer.build("user", user.source, user_allow, user_rules.deny, user_raw_tcp))
     return CompiledPolicy(layers, settings, violations.messages, _shadowed_allows(layers),
                           RequestPolicy(request_layers, settings.request_default),

@@ -12,7 +12,14 @@ import re
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Annotated, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    model_validator,
+)
 
 from .paths import parse_path_glob
 from .patterns import parse_pattern
@@ -133,10 +140,48 @@ class NetworkSettings(_Strict):
     upstream_ca_file: str | None = None  # PEM trust for intercepted origins (default: system)
 
 
+ReviewRisk = Literal["low", "medium"]  # what auto-review may approve on its own
+ReviewScope = Literal["once", "session"]  # never "always": a reviewer does not write policy
+
+
+def _model_url(url: str) -> str:
+    if url and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", url):
+        raise ValueError(f"model_url {url!r}: use the chat-completions base URL, e.g. "
+                         "http://127.0.0.1:8080/v1 (requests go to URL/chat/completions)")
+    return url.rstrip("/")
+
+
+def _secret_source(text: str) -> str:
+    if text:
+        _credential_source(text)  # keyring:SERVICE/USER, env:VAR or file:/PATH; never inline
+    return text
+
+
+class AutoReviewSettings(_Strict):
+    """[approvals.auto_review]: a reviewer that may answer a held request before a person."""
+
+    enabled: bool = False
+    max_risk: ReviewRisk = "low"
+    scope: ReviewScope = "session"
+    model_url: Annotated[str, AfterValidator(_model_url)] = ""
+    model: str = Field(default="", max_length=200)
+    api_key: Annotated[str, AfterValidator(_secret_source)] = ""
+    timeout: float = Field(default=20.0, gt=0, le=600)
+    max_denials: int = Field(default=3, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _model_named(self) -> AutoReviewSettings:
+        if self.model_url and not self.model:
+            raise ValueError("model_url is set but model is empty: name the model the server "
+                             "should use (e.g. model = \"qwen2.5-7b-instruct\")")
+        return self
+
+
 class ApprovalSettings(_Strict):
     timeout: float = Field(default=120.0, gt=0, le=86400)
     max_pending: int = Field(default=100, ge=1, le=100000)
     max_pending_per_agent: int = Field(default=20, ge=1, le=100000)
+    auto_review: AutoReviewSettings = AutoReviewSettings()
 
 
 def _pattern_text(text: str) -> str:
@@ -159,6 +204,8 @@ class Requirements(_Strict):
     telemetry_required: bool = False
     protected_file: bool = False  # refuse a user policy file another uid (or the agent) can change
     credential_hosts: list[PatternText] | None = None  # user credentials only for these hosts
+    auto_review: Literal["forbidden", "allowed", "required"] | None = None
+    auto_review_max_risk: ReviewRisk | None = None
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")

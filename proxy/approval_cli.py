@@ -49,12 +49,17 @@ def add_parsers(commands: Any) -> None:
             description=f"{verb.capitalize()} the pending approval ID, or every request for "
                         "HOST[:PORT]. With --scope session or always this also decides ahead "
                         "of requests that have not arrived yet (e.g. a client's retry).")
-        decide.add_argument("target", metavar="ID|HOST[:PORT]")
+        decide.add_argument("target", metavar="ID|HOST[:PORT]", nargs="?" if verb == "allow"
+                            else None)
         decide.add_argument("--scope", choices=SCOPES, default="once",
                             help="once: the requests waiting now; session: until the proxy "
                                  "stops; always: also written to the user policy file")
+        if verb == "allow":
+            decide.add_argument("--resume-auto", metavar="AGENT",
+                                help="instead: resume auto-review for AGENT after its "
+                                     "auto-denials paused it ('*': for every agent)")
         add_socket_option(decide)
-        decide.set_defaults(handler=cmd_decide, decision=verb)
+        decide.set_defaults(handler=cmd_decide, decision=verb, resume_auto=None)
     watch = commands.add_parser(
         "watch", help="answer approvals interactively as they arrive",
         description="Show held requests one at a time as they arrive and answer each with one "
@@ -81,23 +86,67 @@ def describe(pending: dict[str, Any]) -> str:
     agent = f" agent={printable(pending['agent'])}" if pending.get("agent") else ""
     return (f"{printable(pending['id'])}  {host_display(pending['host'], pending['port'])}  "
             f"{what}  from {printable(pending['client'])}{agent}  "
-            f"({waiting}, {pending['expires_in']:.0f}s left)")
+            f"({waiting}, {pending['expires_in']:.0f}s left){_review(pending.get('review'))}")
+
+
+def _review(review: dict[str, Any] | None) -> str:
+    """Auto-review's word beside a held request; the rationale may be a model's: escaped."""
+    if not isinstance(review, dict):
+        return ""
+    state, why = review.get("state"), shortened(review.get("rationale") or "", 240)
+    if state == "reviewing":
+        return "  [auto-review: the model is reviewing it]"
+    if state == "paused":
+        return f"  [auto-review paused: {why}]"
+    return (f"  [auto-review: {printable(review.get('risk_level'))} risk "
+            f"({printable(review.get('reviewer'))}): {why}]")
+
+
+def paused_lines(paused: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for pause in paused:
+        agents = pause.get("agents") or []
+        resume = printable(agents[0]) if agents else "'*'"
+        lines.append(f"auto-review paused for {printable(pause.get('owner'))} after "
+                     f"{printable(pause.get('denials'))} auto-denials; resume: agent-egress "
+                     f"approve --resume-auto {resume}")
+    return lines
 
 
 def cmd_pending(args: argparse.Namespace) -> int:
     with ApprovalClient(_socket(args)) as client:
-        pending = client.request("list")["pending"]
+        reply = client.request("list")
+    pending = reply["pending"]
     if args.json:
         print(json.dumps(pending, indent=2))
-    elif not pending:
+        return 0
+    if not pending:
         print("no requests are waiting for approval")
-    else:
-        for item in pending:
-            print(describe(item))
+    for item in pending:
+        print(describe(item))
+    for line in paused_lines(reply.get("auto_review_paused") or []):
+        print(line)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    with ApprovalClient(_socket(args)) as client:
+        resumed = client.request("resume_auto", agent=args.resume_auto)["resumed"]
+    if not resumed:
+        print(f"auto-review was not paused for {printable(args.resume_auto)}")
+    for pause in resumed:
+        print(f"resumed auto-review for {printable(pause['owner'])}")
     return 0
 
 
 def cmd_decide(args: argparse.Namespace) -> int:
+    if args.resume_auto is not None:
+        if args.target:
+            raise SystemExit("agent-egress: give a target or --resume-auto, not both")
+        return _resume(args)
+    if not args.target:
+        raise SystemExit("agent-egress approve: give the pending ID or HOST[:PORT] to approve "
+                         "('agent-egress pending' lists them), or --resume-auto AGENT")
     decision = args.decision
     with ApprovalClient(_socket(args)) as client:
         try:

@@ -21,8 +21,10 @@ from typing import Any
 
 from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog
+from agent_egress.addons.autoreview import AutoReview
 from agent_egress.addons.pending import ApprovalError
 from agent_egress.policy import InvalidHost
+from agent_egress.policy.model import AGENT_NAME
 
 from .approval_client import PROTOCOL_VERSION
 from .approval_socket import (
@@ -79,8 +81,10 @@ class ApprovalServer:
                  approver_uids: Iterable[int] = (),
                  status: Callable[[], dict[str, Any]] | None = None,
                  agent_uid: int | None = None,
-                 explain: Callable[[str], Awaitable[dict[str, Any]]] | None = None) -> None:
+                 explain: Callable[[str], Awaitable[dict[str, Any]]] | None = None,
+                 review: AutoReview | None = None) -> None:
         self.approvals = approvals
+        self.review = review
         self.status = status
         self.audit = audit
         self.path = path
@@ -207,10 +211,19 @@ class ApprovalServer:
             return _reply(status=self.full_status()), False
         if op == "explain":
             return await self._explain(request.get("target")), False
+        paused = {"auto_review_paused": self.review.paused()} if self.review else {}
         if op == "list":
-            return _reply(pending=self.approvals.snapshot()), False
+            return _reply(pending=self.approvals.snapshot(), **paused), False
         if op == "subscribe":
-            return _reply(pending=self.approvals.snapshot(), subscribed=True), True
+            return _reply(pending=self.approvals.snapshot(), subscribed=True, **paused), True
+        if op == "resume_auto":
+            agent = request.get("agent")
+            if not isinstance(agent, str) or not (agent == "*" or AGENT_NAME.fullmatch(agent)):
+                return _error("bad_request", "resume_auto needs a field agent: an agent name, "
+                                             "or \"*\" for every agent"), False
+            if self.review is None:
+                return _error("unsupported", "this proxy has no auto-review"), False
+            return _reply(resumed=self.review.resume(agent, actor=f"uid:{uid}")), False
         if op == "decide":
             target, decision = request.get("target"), request.get("decision")
             scope = request.get("scope", "once")
@@ -223,4 +236,4 @@ class ApprovalServer:
                 return _error(exc.code, str(exc)), False
             return _reply(**result), False
         return _error("unknown_op", f"unknown op {op!r}; valid: ping, status, list, subscribe, "
-                                    "decide, explain"), False
+                                    "decide, explain, resume_auto"), False

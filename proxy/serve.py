@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog, default_audit_log_path
+from agent_egress.addons.autoreview import AutoReview, ModelReviewer
 from agent_egress.addons.connections import listen_addresses
 from agent_egress.addons.credentials import CredentialBroker, CredentialSwap
 from agent_egress.addons.enforce import Enforcer
@@ -26,6 +27,7 @@ from agent_egress.addons.proxyport import ProxyPort
 from agent_egress.addons.reload import PolicyReload
 from agent_egress.addons.tunnels import Tunnels
 from agent_egress.policy import BUILTIN, CompiledPolicy
+from agent_egress.policy.engine import AutoReviewPolicy
 from mitmproxy import ctx, exceptions, options
 
 from .approval_server import ApprovalServer, SocketSetupError
@@ -80,6 +82,13 @@ class Announce:
         asyncio.get_running_loop().call_soon(ctx.master.addons.remove, self)
 
 
+def review_model(settings: AutoReviewPolicy) -> ModelReviewer:
+    """The model reviewer for auto-review (httpx loaded only when a model is configured)."""
+    from .review_model import ReviewModel
+
+    return ReviewModel(settings)
+
+
 class LazyCA:
     """The local CA, created (or loaded) when the first intercepted tunnel needs it: a proxy
     whose policy intercepts nothing never touches it."""
@@ -122,7 +131,9 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         interception = Interception(audit, pinning, policy, local_ca,
                                     explain_https=explain_https)
         port = ProxyPort(audit, interception.upstream_failure)
-        enforcer = Enforcer(audit, pinning, approvals, discard_body=port.discard_body)
+        review = AutoReview(audit, approvals, model_factory=review_model)
+        enforcer = Enforcer(audit, pinning, approvals, discard_body=port.discard_body,
+                            review=review)
         reloader = PolicyReload(enforcer, audit)
         tunnels = Tunnels(audit, pinning, policy, port.http_layer, interception)
         if telemetry is not None:
@@ -150,7 +161,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
             return {**reloader.status(), "agent_environment": vault.environment()}
 
         server = ApprovalServer(approvals, audit, socket_path, approver_uids, status=status,
-                                agent_uid=agent_uid, explain=explain_running)
+                                agent_uid=agent_uid, explain=explain_running, review=review)
         # Order matters: identity and ClientLimits (a complete head stops its deadline, before
         # a request may be held) before the enforcer; requests in a tunnel kept to explain its
         # refusal are answered before the enforcer too (never held again), and a misdirected
@@ -205,6 +216,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
             if not await server.stop():
                 print(f"agent-egress: {socket_path} is no longer the socket this proxy created; "
                       "left it in place", file=sys.stderr)
+            await review.done()
             if telemetry is not None:
                 telemetry.shutdown()
         return 0

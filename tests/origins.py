@@ -122,7 +122,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 class CountingServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, name: str, root: Path, tls: ssl.SSLContext | None) -> None:
+    def __init__(self, name: str, root: Path, tls: ssl.SSLContext | None,
+                 address: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         self.name = name
         self.root = root
         self.connections = 0
@@ -130,7 +131,7 @@ class CountingServer(http.server.ThreadingHTTPServer):
         self.authorizations: list[str | None] = []  # each request's Authorization header
         self.basic_auth: str | None = None  # what /private/ requires, e.g. "Basic dXNlcjpwdw=="
         self._tls = tls
-        super().__init__(("127.0.0.1", 0), self._make_handler())
+        super().__init__(address, self._make_handler())
 
     def _make_handler(self) -> type[_Handler]:
         root = str(self.root)
