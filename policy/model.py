@@ -152,8 +152,14 @@ def _model_url(url: str) -> str:
 
 
 def _secret_source(text: str) -> str:
-    if text:
-        _credential_source(text)  # keyring:SERVICE/USER, env:VAR or file:/PATH; never inline
+    """Where the key is kept; never the key itself (nor echoed back in an error)."""
+    if not text:
+        return text
+    try:
+        _credential_source(text)
+    except ValueError:
+        raise ValueError("api_key names where the key is kept, never the key itself: "
+                         "env:VARIABLE, keyring:SERVICE/USER or file:/PATH") from None
     return text
 
 

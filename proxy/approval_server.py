@@ -211,7 +211,8 @@ class ApprovalServer:
             return _reply(status=self.full_status()), False
         if op == "explain":
             return await self._explain(request.get("target")), False
-        paused = {"auto_review_paused": self.review.paused()} if self.review else {}
+        paused = {"auto_review_paused": halted} if self.review and (
+            halted := self.review.paused()) else {}
         if op == "list":
             return _reply(pending=self.approvals.snapshot(), **paused), False
         if op == "subscribe":

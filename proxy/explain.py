@@ -81,10 +81,11 @@ async def explain(policy: CompiledPolicy, target: str, *, resolve: bool = True,
     if decision.action is Action.ASK and session is not None and (
             verdict := session(decision.host, port)) is not None:
         action, scope, actor = verdict
+        whose = "auto-review's" if actor.startswith("auto-review") else "a person's"
         result.update(decision=action, reason="approved" if action == "allow" else
                       "denied_by_approver",
                       explanation=f"{'approved' if action == 'allow' else 'denied'} by {actor} "
-                                  f"for the {scope} (a person's decision, not a rule)")
+                                  f"for the {scope} ({whose} decision, not a rule)")
     result["intercepted"] = policy.intercepts(decision.host, port)
     if method is not None and path is not None:
         _explain_request(policy, result, decision.host, port, method, path)

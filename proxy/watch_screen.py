@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from .textsafe import host_display
+from .textsafe import host_display, printable, shortened
 
 PROMPT = "allow [o]nce, for the [s]ession, [a]lways; [d]eny; s[k]ip; [q]uit? "
 STATUS_INTERVAL = 1.0  # seconds between status lines
@@ -132,3 +132,42 @@ class WatchScreen:
     def _write(self, text: str) -> None:
         self.stream.write(text)
         self.stream.flush()
+
+
+def describe(pending: dict[str, Any]) -> str:
+    """One line per pending approval. Host, path and agent are the agent's own text: escaped."""
+    what = printable(str(pending["scheme"]).upper())
+    if pending.get("method"):
+        what += f" {shortened(pending['method'], 16)}"
+        if pending.get("path"):
+            what += f" {shortened(pending['path'])}"
+    waiting = ("client gone" if pending["clients_gone"]
+               else f"{pending['waiting']} waiting")
+    agent = f" agent={printable(pending['agent'])}" if pending.get("agent") else ""
+    return (f"{printable(pending['id'])}  {host_display(pending['host'], pending['port'])}  "
+            f"{what}  from {printable(pending['client'])}{agent}  "
+            f"({waiting}, {pending['expires_in']:.0f}s left){_review(pending.get('review'))}")
+
+
+def _review(review: dict[str, Any] | None) -> str:
+    """Auto-review's word beside a held request; the rationale may be a model's: escaped."""
+    if not isinstance(review, dict):
+        return ""
+    state, why = review.get("state"), shortened(review.get("rationale") or "", 240)
+    if state == "reviewing":
+        return "  [auto-review: the model is reviewing it]"
+    if state == "paused":
+        return f"  [auto-review paused: {why}]"
+    return (f"  [auto-review: {printable(review.get('risk_level'))} risk "
+            f"({printable(review.get('reviewer'))}): {why}]")
+
+
+def paused_lines(paused: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for pause in paused:
+        agents = pause.get("agents") or []
+        resume = printable(agents[0]) if agents else "'*'"
+        lines.append(f"auto-review paused for {printable(pause.get('owner'))} after "
+                     f"{printable(pause.get('denials'))} auto-denials; resume: agent-egress "
+                     f"approve --resume-auto {resume}")
+    return lines

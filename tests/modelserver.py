@@ -7,6 +7,7 @@ Each request takes the next script entry (the last one repeats):
   ("refusal", "why")     a completion with a refusal and no content
   ("status", 500)        that status, a JSON error body
   ("sleep", seconds)     nothing for that long, then an allow answer
+  ("delayed", (s, {...})) nothing for s seconds, then a completion with that object
   ("trickle", seconds)   the headers at once, then the body one byte per `seconds`
   ("body", b"...")       those bytes as the whole 200 body
 """
@@ -82,6 +83,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif kind == "sleep":
             time.sleep(value)
             self._send(200, completion(json.dumps(ALLOW)))
+        elif kind == "delayed":
+            time.sleep(value[0])
+            self._send(200, completion(json.dumps(value[1])))
         elif kind == "body":
             self._send(200, value)
         elif kind == "trickle":

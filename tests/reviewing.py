@@ -3,7 +3,12 @@ ports are part of what the reviewer scores), a policy that maps names to it, and
 
 from __future__ import annotations
 
+import os
+import pty
+import select
 import subprocess
+import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -47,3 +52,34 @@ def curl(env, proxy: ProxyProcess, url: str, *args: str, agent: str = "") -> sub
 def fetch(env, proxy: ProxyProcess, url: str, agent: str = "") -> str:
     out, _ = curl(env, proxy, url, agent=agent).communicate(timeout=60)
     return out
+
+
+class WatchTerminal:
+    """`agent-egress watch` on a real pseudo-terminal."""
+
+    def __init__(self, proxy: ProxyProcess) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child
+            os.execve(sys.executable, [sys.executable, "-m", "agent_egress.proxy", "watch",
+                                       "--approval-socket", str(proxy.socket_path)],
+                      proxy.env())
+        self.output = bytearray()
+
+    def read_until(self, marker: bytes, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in self.output:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, bytes(self.output)
+            if select.select([self.fd], [], [], remaining)[0]:
+                self.output.extend(os.read(self.fd, 4096))
+
+    def press(self, key: bytes) -> None:
+        os.write(self.fd, key)
+
+    def close(self) -> None:
+        try:
+            os.kill(self.pid, 9)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(self.fd)

@@ -11,7 +11,7 @@ import time
 import pytest
 from holding import wait_pending
 from proxyproc import ProxyProcess
-from reviewing import curl, fetch, review_policy, start_web80
+from reviewing import WatchTerminal, curl, fetch, review_policy, start_web80
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen on port 80")
 
@@ -50,6 +50,9 @@ def test_low_risk_host_is_released_without_a_person(review_proxy, web80, client_
     assert fetch(client_env, review_proxy, "http://test.pypi.org/hello").startswith(
         "HTTP/1.1 200")
     assert len(review_proxy.events("approval.reviewed")) == 1
+    explained = review_proxy.cli("policy", "explain", "--running", "test.pypi.org:80")
+    assert "approved by auto-review:rules for the session (auto-review's decision" in (
+        explained.stdout), explained.stdout
 
 
 def test_critical_host_is_refused_with_the_rationale(review_proxy, web80, client_env):
@@ -115,5 +118,36 @@ def test_deny_rules_and_the_address_guard_come_before_any_review(tmp_path, web80
         reviews = proxy.events("approval.reviewed")
         assert [e["host"] for e in reviews] == ["docs.rs"]
         assert json.dumps(reviews[0]["outcome"]) == '"allow"'
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.filterwarnings("ignore:.*forkpty.*:DeprecationWarning")
+def test_watch_shows_a_pause_and_r_resumes_it(review_proxy, web80, client_env):
+    terminal = WatchTerminal(review_proxy)
+    try:
+        terminal.read_until(b"watching")
+        for name in ("webhook.site", "transfer.sh", "pastebin.com"):
+            fetch(client_env, review_proxy, f"http://{name}/hello", agent="bot2")
+        terminal.read_until(b"(or press r)")
+        assert b"auto-review paused for" in terminal.output
+        assert b"--resume-auto bot2" in terminal.output
+        terminal.press(b"r")
+        terminal.read_until(b"resumed auto-review for")
+        assert fetch(client_env, review_proxy, "http://docs.rs/hello",
+                     agent="bot2").startswith("HTTP/1.1 200")
+    finally:
+        terminal.close()
+
+
+def test_scope_once_reviews_every_request_again(tmp_path, web80, client_env):
+    proxy = ProxyProcess(tmp_path / "proxy", review_policy(NAMES, auto_review='scope = "once"'))
+    try:
+        for _ in range(2):
+            assert fetch(client_env, proxy, "http://docs.rs/hello").startswith("HTTP/1.1 200")
+        assert len(proxy.events("approval.reviewed")) == 2
+        assert {e["scope"] for e in proxy.events("approval.decided")} == {"once"}
+        explained = proxy.cli("policy", "explain", "--running", "docs.rs:80")
+        assert explained.returncode == 0 and "auto-review" not in explained.stdout
     finally:
         proxy.stop()

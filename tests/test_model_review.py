@@ -12,7 +12,7 @@ import pytest
 from holding import wait_pending
 from modelserver import ALLOW, ModelServer
 from proxyproc import ProxyProcess
-from reviewing import curl, fetch, review_policy, start_web80
+from reviewing import WatchTerminal, curl, fetch, review_policy, start_web80
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen on port 80")
 
@@ -154,3 +154,22 @@ def test_agent_text_reaches_the_model_only_inside_the_data_block(model_proxy, mo
     assert data["recent_decisions"] and all(set(d) == {"host", "port", "method", "decision",
                                                        "reason"}
                                             for d in data["recent_decisions"])
+
+
+@pytest.mark.filterwarnings("ignore:.*forkpty.*:DeprecationWarning")
+def test_watch_asks_only_once_the_model_escalates(model_proxy, model, client_env):
+    model.script = [("delayed", (0.6, {"risk_level": "medium", "outcome": "escalate",
+                                       "rationale": "nothing known about this wiki"}))]
+    terminal = WatchTerminal(model_proxy)
+    try:
+        terminal.read_until(b"watching")
+        held = curl(client_env, model_proxy, "http://wiki11-notes.org/hello")
+        terminal.read_until(b"[q]uit?")
+        question = bytes(terminal.output)
+        assert b"wiki11-notes.org" in question
+        assert b"auto-review: medium risk (model): nothing known about this wiki" in question
+        assert b"the model is reviewing it" not in question  # never asked while it looked
+        terminal.press(b"d")
+        assert held.communicate(timeout=30)[0].startswith("HTTP/1.1 403")
+    finally:
+        terminal.close()
