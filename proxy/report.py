@@ -44,6 +44,7 @@ def registrable_domain(host: str) -> str:
 # Refusals whose event detail says what the network did (the address, the DNS failure).
 _DETAILED = frozenset({"private_address", "dns_error"})
 _DETAIL_KEPT = 300
+_REVIEW_OUTCOMES = {"allow": "auto-approved", "deny": "auto-denied", "escalate": "escalated"}
 
 
 def by_person(actor: object) -> bool:
@@ -78,6 +79,7 @@ class HostStats:
     person_allowed: int = 0  # approval.decided by a person
     person_denied: int = 0
     person_latest: tuple[str, str, str] = ("", "", "")  # (time, decision, "by uid:N (scope)")
+    reviewed: Counter[str] = field(default_factory=Counter)  # auto-approved|-denied|escalated
 
     def seen(self, when: str) -> None:
         if not self.first or when < self.first:
@@ -118,7 +120,8 @@ class HostStats:
             self.refused[(reason, rule)] += 1
         elif decision == "allow" and reason in ("allowlist", "default"):
             self.allowed += 1
-        if reason in ("approved", "denied_by_approver"):  # only ever a person's verdict
+        if reason in ("approved", "denied_by_approver") and by_person(
+                event.get("approval_actor")):  # a person's verdict, not auto-review's
             self.decided(when, "allow" if reason == "approved" else "deny",
                          f"by {event.get('approval_actor', 'a person')} "
                          f"({event.get('approval_scope', 'scope not logged')})", counted=False)
@@ -138,6 +141,7 @@ class HostStats:
         """Take in the approval history kept apart for this host."""
         self.asked, self.approvals, self.timeouts = history.asked, history.approvals, \
             history.timeouts
+        self.reviewed = history.reviewed
         self.person_allowed, self.person_denied = history.person_allowed, history.person_denied
         self.person_latest = max(self.person_latest, history.person_latest)
 
@@ -149,7 +153,7 @@ class HostStats:
             "example_paths": self.paths, "reasons": dict(self.reasons.most_common()),
             "rules": dict(self.rules.most_common()), "decisions": dict(self.decisions),
             "approvals": {"asked": self.asked, "decided": dict(self.approvals.most_common()),
-                          "timeouts": self.timeouts},
+                          "timeouts": self.timeouts, "auto_review": dict(self.reviewed)},
         }
 
 
@@ -168,6 +172,7 @@ class Report:
     hosts: dict[str, HostStats] = field(default_factory=dict)
     timeline: Timeline = field(default_factory=Timeline)  # matched requests over time
     approval_history: dict[str, HostStats] = field(default_factory=dict)
+    reviewed_by_agent: dict[str, Counter[str]] = field(default_factory=dict)
 
     def _matches(self, event: dict[str, Any]) -> bool:
         when = event.get("time")
@@ -209,15 +214,14 @@ class Report:
             self.matched += 1
             self._stats(str(event["host"])).add(event)
             self.timeline.add(str(event.get("time", "")))
+        elif name == "approval.reviewed" and "host" in event:
+            self._reviewed(event)
         elif name in ("approval.requested", "approval.decided") and "host" in event:
             if not self._matches(event):
                 return
             # Kept for every host (events may precede the host's first matching request) and
             # joined when the report is rendered.
-            host = str(event["host"])
-            stats = self.approval_history.get(host)
-            if stats is None:
-                stats = self.approval_history[host] = HostStats(host, "")
+            stats = self._history(str(event["host"]))
             when, actor = str(event.get("time", "")), event.get("actor")
             stats.seen(when)
             if name == "approval.requested":
@@ -230,6 +234,25 @@ class Report:
                 if by_person(actor) and event.get("decision") in ("allow", "deny"):
                     stats.decided(when, str(event["decision"]),
                                   f"by {actor} ({event.get('scope')})")
+
+    def _history(self, host: str) -> HostStats:
+        stats = self.approval_history.get(host)
+        if stats is None:
+            stats = self.approval_history[host] = HostStats(host, "")
+        return stats
+
+    def _reviewed(self, event: dict[str, Any]) -> None:
+        """Auto-review's final word on a held destination (a rules review that handed over
+        to the model is not one), per host and per agent."""
+        if event.get("consulting") or not self._matches(event):
+            return
+        outcome = _REVIEW_OUTCOMES.get(str(event.get("outcome")))
+        if outcome is None:
+            return
+        self._history(str(event["host"])).reviewed[outcome] += 1
+        agent = str(event.get("agent") or "(unnamed)")
+        if agent in self.reviewed_by_agent or len(self.reviewed_by_agent) < _AGENTS_KEPT * 20:
+            self.reviewed_by_agent.setdefault(agent, Counter())[outcome] += 1
 
     def rows(self) -> list[HostStats]:
         for host, history in self.approval_history.items():
@@ -257,6 +280,8 @@ class Report:
             "requests": self.matched, "hosts": len(self.hosts),
             "domains": len({s.domain for s in self.hosts.values()}), "agents": len(agents),
             "malformed_lines": self.malformed, "malformed_at": self.malformed_at,
+            "auto_review": {agent: dict(counts) for agent, counts in sorted(
+                self.reviewed_by_agent.items())},
         }
 
 

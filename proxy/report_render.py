@@ -21,9 +21,10 @@ from .textsafe import csv_cell, printable
 
 
 def _approval_text(stats: HostStats) -> str:
-    if not stats.asked and not stats.approvals and not stats.timeouts:
+    if not stats.asked and not stats.approvals and not stats.timeouts and not stats.reviewed:
         return ""
-    parts = [f"asked {stats.asked}"] if stats.asked else []
+    parts = [f"{outcome} {n}" for outcome, n in sorted(stats.reviewed.items())]
+    parts += [f"asked {stats.asked}"] if stats.asked else []
     parts += [f"{text} x{n}" for text, n in stats.approvals.most_common(2)]
     if stats.timeouts:
         parts.append(f"timed out {stats.timeouts}")
@@ -79,6 +80,10 @@ def render_table(report: Report) -> str:
                              for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip())
         if number == 0:
             out.append("  ".join("-" * w for w in widths))
+    if report.reviewed_by_agent:
+        out += ["", "auto-review by agent:"]
+        out += [f"  {printable(agent)}: " + ", ".join(f"{outcome} {n}" for outcome, n in sorted(
+            counts.items())) for agent, counts in sorted(report.reviewed_by_agent.items())]
     return "\n".join(out) + "\n"
 
 

@@ -69,6 +69,14 @@ class ProxyProcess:
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                               env=self.env(), stdin=subprocess.DEVNULL, **kwargs)
 
+    def cli_report(self, *args: str) -> str:
+        """`agent-egress report` on this proxy's audit log; its standard output."""
+        result = subprocess.run([sys.executable, "-m", "agent_egress.proxy", "report",
+                                 str(self.audit_path), *args], capture_output=True, text=True,
+                                timeout=60, env=self.env(), stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:

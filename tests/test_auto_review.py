@@ -105,6 +105,13 @@ def test_denials_pause_auto_review_until_a_person_resumes_it(review_proxy, web80
     assert resumed["actor"] == f"uid:{os.getuid()}"
     assert fetch(client_env, review_proxy, "http://docs.rs/hello",
                  agent="bot1").startswith("HTTP/1.1 200")
+    # Reports count what auto-review did, per host and per agent.
+    report = json.loads(review_proxy.cli_report("--decision", "all", "--format", "json"))
+    assert report["totals"]["auto_review"]["bot1"] == {"auto-denied": 3, "auto-approved": 1}
+    hosts = {h["host"]: h for h in report["hosts"]}
+    assert hosts["webhook.site"]["approvals"]["auto_review"] == {"auto-denied": 1}
+    table = review_proxy.cli_report("--decision", "all")
+    assert "auto-review by agent:" in table and "bot1: auto-approved 1, auto-denied 3" in table
 
 
 def test_deny_rules_and_the_address_guard_come_before_any_review(tmp_path, web80, client_env):
