@@ -77,10 +77,10 @@ def test_json_report_is_exact(logs) -> None:
         "first_seen": "2026-11-20T10:00:00Z", "last_seen": "2026-11-21T09:00:00Z",
         "agents": ["a1", "a2"], "ports": [443], "example_paths": ["/x", "/y"],
         "reasons": {"not_allowlisted": 3}, "rules": {}, "decisions": {"deny": 3},
-        "approvals": {"asked": 0, "decided": {}, "timeouts": 0}}
+        "approvals": {"asked": 0, "decided": {}, "timeouts": 0, "auto_review": {}}}
     assert hosts[1]["rules"] == {"**.pastebin.com": 2}
     assert hosts[3]["approvals"] == {"asked": 1, "decided": {"deny by uid:0 (once)": 1},
-                                     "timeouts": 0}
+                                     "timeouts": 0, "auto_review": {}}
     assert data["timeline"] == {"2026-11-20T10": 2, "2026-11-21T09": 5}
 
 
