@@ -120,8 +120,8 @@ class HostStats:
             self.refused[(reason, rule)] += 1
         elif decision == "allow" and reason in ("allowlist", "default"):
             self.allowed += 1
-        if reason in ("approved", "denied_by_approver") and by_person(
-                event.get("approval_actor")):  # a person's verdict, not auto-review's
+        if reason in ("approved", "denied_by_approver") and not str(
+                event.get("approval_actor", "")).startswith("auto-review"):  # a person's
             self.decided(when, "allow" if reason == "approved" else "deny",
                          f"by {event.get('approval_actor', 'a person')} "
                          f"({event.get('approval_scope', 'scope not logged')})", counted=False)
