@@ -62,6 +62,9 @@ def _body(event: str, fields: dict[str, Any]) -> str:
     if event == "request.decided":
         return (f"{fields.get('decision')} {fields.get('host')}:{fields.get('port')} "
                 f"({fields.get('reason')})")
+    if event == "approval.reviewed":
+        return (f"{fields.get('reviewer')} review of {fields.get('host')}:{fields.get('port')}"
+                f": {fields.get('risk_level')} risk, {fields.get('outcome')}")
     return event
 
 
@@ -80,7 +83,7 @@ class TelemetrySink:
                  pending_approvals: Callable[[], int]) -> None:
         self.telemetry = telemetry
         self._logger = telemetry.logger_provider.get_logger("agent_egress")
-        self._decisions = self._wait = None
+        self._decisions = self._wait = self._reviews = None
         provider = telemetry.meter_provider
         if provider is None:
             return
@@ -91,6 +94,10 @@ class TelemetrySink:
         self._wait = meter.create_histogram(
             "agent_egress.approval.wait_time", unit="s",
             description="Time from a held request to a person's (or the timeout's) decision")
+
+        self._reviews = meter.create_counter(
+            "agent_egress.auto_review.reviews", unit="{review}",
+            description="Held destinations reviewed by auto-review, by reviewer, risk, outcome")
 
         def gauge(read: Callable[[], int]) -> Callable[[CallbackOptions], list[Observation]]:
             return lambda options: [Observation(read())]
@@ -117,6 +124,12 @@ class TelemetrySink:
                 "agent_egress.decision": str(fields.get("decision")),
                 "agent_egress.layer": str(fields.get("layer") or "none"),
                 "agent_egress.reason": str(fields.get("reason")),
+            })
+        elif event == "approval.reviewed" and self._reviews is not None:
+            self._reviews.add(1, {
+                "agent_egress.reviewer": str(fields.get("reviewer")),
+                "agent_egress.risk_level": str(fields.get("risk_level")),
+                "agent_egress.outcome": str(fields.get("outcome")),
             })
         elif event == "approval.decided" and self._wait is not None and "wait_ms" in fields:
             self._wait.record(fields["wait_ms"] / 1000, {

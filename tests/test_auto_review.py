@@ -10,6 +10,7 @@ import time
 
 import pytest
 from holding import wait_pending
+from otlp import HttpReceiver
 from proxyproc import ProxyProcess
 from reviewing import WatchTerminal, curl, fetch, review_policy, start_web80
 
@@ -158,3 +159,29 @@ def test_scope_once_reviews_every_request_again(tmp_path, web80, client_env):
         assert "docs.rs:80  ASK" in explained.stdout and "auto-review" not in explained.stdout
     finally:
         proxy.stop()
+
+
+def test_reviews_are_exported_over_otlp(tmp_path, web80, client_env):
+    receiver = HttpReceiver()
+    proxy = ProxyProcess(tmp_path / "proxy", review_policy(NAMES), env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf", "OTEL_METRIC_EXPORT_INTERVAL": "300"})
+    try:
+        assert fetch(client_env, proxy, "http://test.pypi.org/hello").startswith("HTTP/1.1 200")
+        assert fetch(client_env, proxy, "http://webhook.site/").startswith("HTTP/1.1 403")
+        received = receiver.received
+        received.wait_for(lambda: "agent_egress.auto_review.reviews" in received.metrics)
+    finally:
+        proxy.stop()
+        receiver.stop()
+    reviews = {e["attributes"]["server.address"]: e for e in received.events(
+        "approval.reviewed")}
+    low = reviews["test.pypi.org"]
+    assert low["body"] == "rules review of test.pypi.org:80: low risk, allow"
+    assert low["attributes"]["agent_egress.risk_level"] == "low"
+    assert low["attributes"]["agent_egress.signals"] == ["allowed_domain"]
+    assert "pypi.org is already allowed" in low["attributes"]["agent_egress.rationale"]
+    assert reviews["webhook.site"]["attributes"]["agent_egress.outcome"] == "deny"
+    counted = {(p["attributes"]["agent_egress.outcome"], p["attributes"]["agent_egress.risk_level"])
+               : p["value"] for p in received.metrics["agent_egress.auto_review.reviews"]}
+    assert counted == {("allow", "low"): 1, ("deny", "critical"): 1}
