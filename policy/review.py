@@ -21,6 +21,7 @@ from .presets import presets
 from .review_signals import (
     LONG_LABEL,
     LONG_NAME,
+    KnownLabels,
     generated_looking,
     imitated,
     mixed_scripts,
@@ -33,6 +34,7 @@ from .review_signals import (
 RISKS = ("low", "medium", "high", "critical")
 Risk = Literal["low", "medium", "high", "critical"]
 Outcome = Literal["allow", "deny", "escalate"]
+LOOKALIKE_INDEXED = 5000  # allowed names checked for one-letter imitations (~1 KiB each)
 SUBDOMAIN_BURST = 5  # distinct unknown names under one domain from one agent: a DNS-tunnel shape
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE", "PROPPATCH", "MKCOL", "COPY",
                            "MOVE", "LOCK", "UNLOCK"})
@@ -109,7 +111,11 @@ class RulesReviewer:
         self.allowed_domains = allowed_domains  # registrable domains the policy allows names in
         self.ecosystem = ecosystem  # every preset's patterns, enabled or not
         self.known_domains = known_domains  # allowed and ecosystem registrable domains
-        self.known_labels = frozenset(d.split(".", 1)[0] for d in known_domains)
+        allowed_labels = {d.split(".", 1)[0] for d in allowed_domains}
+        ecosystem_labels = {d.split(".", 1)[0] for d in known_domains - allowed_domains}
+        self.known_labels = KnownLabels(allowed_labels | ecosystem_labels, indexed=(
+            ecosystem_labels | allowed_labels if len(allowed_labels) <= LOOKALIKE_INDEXED
+            else ecosystem_labels))
         self.risky = risky  # domain -> category
 
     @classmethod

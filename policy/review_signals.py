@@ -11,6 +11,7 @@ import math
 import tomllib
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -158,7 +159,38 @@ def one_edit_apart(a: str, b: str) -> bool:
     return short[i:] == long[i + 1:]
 
 
-def imitated(label: str, known: frozenset[str]) -> str | None:
+class KnownLabels:
+    """Registered labels worth imitating, indexed by their one-letter deletions so "one edit
+    away" is a few dictionary lookups, not a scan (symmetric-delete lookup)."""
+
+    def __init__(self, labels: Iterable[str], indexed: Iterable[str] | None = None) -> None:
+        """``indexed``: the labels looked up one edit away (default: all of them); a huge
+        allowlist indexes only its best-known names, as the index costs ~1 KiB a label."""
+        self.labels = frozenset(labels)
+        self._indexed = frozenset(label for label in (
+            self.labels if indexed is None else indexed) if len(label) >= 5)
+        self._by_deletion: dict[str, set[str]] = {}
+        for label in self._indexed:
+            for variant in _deletions(label):
+                self._by_deletion.setdefault(variant, set()).add(label)
+
+    def __contains__(self, label: object) -> bool:
+        return label in self.labels
+
+    def one_edit_from(self, label: str) -> str | None:
+        found = set(self._by_deletion.get(label, ()))  # a letter added to a known label
+        for variant in _deletions(label):
+            if variant in self._indexed:
+                found.add(variant)  # a letter dropped
+            found.update(self._by_deletion.get(variant, ()))  # changed, or two swapped
+        return min((name for name in found if one_edit_apart(label, name)), default=None)
+
+
+def _deletions(label: str) -> set[str]:
+    return {label[:i] + label[i + 1:] for i in range(len(label))}
+
+
+def imitated(label: str, known: KnownLabels) -> str | None:
     """The known registered label this one imitates: one edit away ("githuh"), or the known
     label with words hyphenated on ("pypi-mirror", "login-github")."""
     if label in known or len(label) < 4 or label.startswith("xn--"):
@@ -166,5 +198,4 @@ def imitated(label: str, known: frozenset[str]) -> str | None:
     for word in label.split("-"):
         if word != label and word in known and len(word) >= 4:
             return word
-    return next((name for name in known if len(name) >= 5 and one_edit_apart(label, name)),
-                None)
+    return known.one_edit_from(label)

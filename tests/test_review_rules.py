@@ -12,7 +12,13 @@ from agent_egress.policy.review import (
     RulesReviewer,
     bound_model_answer,
 )
-from agent_egress.policy.review_signals import one_edit_apart, registrable_domain, skeleton
+from agent_egress.policy.review_signals import (
+    KnownLabels,
+    imitated,
+    one_edit_apart,
+    registrable_domain,
+    skeleton,
+)
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +160,14 @@ def test_signal_helpers() -> None:
     assert skeleton("github.com") is None
     assert one_edit_apart("github", "githbu") and one_edit_apart("pypi", "pypii")
     assert not one_edit_apart("github", "gitlab") and not one_edit_apart("pypi", "pypi")
+
+
+def test_one_edit_imitations_are_found_by_the_index() -> None:
+    known = KnownLabels({"github", "rubygems", "pypi"}, indexed={"github", "rubygems"})
+    assert known.one_edit_from("githbu") == "github"  # two letters swapped
+    assert known.one_edit_from("gitthub") == "github"  # one added
+    assert known.one_edit_from("gihub") == "github"  # one dropped
+    assert known.one_edit_from("rubygens") == "rubygems"  # one changed
+    assert known.one_edit_from("gitlab") is None and known.one_edit_from("github") is None
+    assert imitated("pypi-mirror", known) == "pypi"  # hyphenated words: every known label
+    assert known.one_edit_from("pypii") is None  # short names are not indexed
