@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import json
 import sys
@@ -181,6 +182,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             "request_default": settings.request_default.value,
             "explain_https": settings.explain_https,
             "upstream_ca_file": settings.upstream_ca_file,
+            "auto_review": dataclasses.asdict(settings.auto_review),
         },
         "rules": [
             {"action": rule.action.value, "pattern": rule.text, "layer": rule.layer,

@@ -3,10 +3,16 @@ file set (requirements.auto_review, auto_review_max_risk, the managed keys)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 from agent_egress.policy import PolicyError
 from agent_egress.policy.layering import compile_layers
 from agent_egress.policy.loader import parse_policy_text
+from proxyproc import owner_args
 
 
 def layered(managed: str | None, user: str):
@@ -94,3 +100,20 @@ def test_session_scope_needs_session_approvals_allowed() -> None:
                      table(enabled=True, scope="session"))
     assert policy.settings.auto_review.scope == "once"
     assert any("allowed_approval_scopes" in p for p in policy.problems)
+
+
+def test_policy_show_prints_the_effective_auto_review(tmp_path) -> None:
+    user, managed = tmp_path / "user.toml", tmp_path / "managed.toml"
+    user.write_text("version = 1\n" + table(enabled=True, max_risk="medium"))
+    managed.write_text("version = 1\n[requirements]\nauto_review_max_risk = \"low\"\n")
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "c"),
+           "XDG_STATE_HOME": str(tmp_path / "s"), "XDG_RUNTIME_DIR": str(tmp_path / "r")}
+    result = subprocess.run([sys.executable, "-m", "agent_egress.proxy", "policy", "show",
+                             "--config", str(user), "--managed", str(managed), "--json",
+                             *owner_args()], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["settings"]["auto_review"]["enabled"] is True
+    assert data["settings"]["auto_review"]["max_risk"] == "low"
+    assert any("auto_review_max_risk" in p for p in data["not_applied"])
