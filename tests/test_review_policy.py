@@ -12,7 +12,6 @@ import pytest
 from agent_egress.policy import PolicyError
 from agent_egress.policy.layering import compile_layers
 from agent_egress.policy.loader import parse_policy_text
-from proxyproc import owner_args
 
 
 def layered(managed: str | None, user: str):
@@ -109,8 +108,8 @@ def test_policy_show_prints_the_effective_auto_review(tmp_path) -> None:
     env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "c"),
            "XDG_STATE_HOME": str(tmp_path / "s"), "XDG_RUNTIME_DIR": str(tmp_path / "r")}
     result = subprocess.run([sys.executable, "-m", "agent_egress.proxy", "policy", "show",
-                             "--config", str(user), "--managed", str(managed), "--json",
-                             *owner_args()], capture_output=True, text=True, env=env,
+                             "--config", str(user), "--managed", str(managed), "--json"],
+                            capture_output=True, text=True, env=env,
                             timeout=60)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
