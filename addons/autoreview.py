@@ -71,8 +71,10 @@ class AutoReview:
         self.recent = Recent()
         self._rules: tuple[CompiledPolicy, RulesReviewer] | None = None
         self._model: tuple[AutoReviewPolicy, ModelReviewer | None, str] | None = None
-        self._consults: dict[tuple[str, int], tuple[ReviewRequest, Review, AutoReviewPolicy,
-                                                    tuple[str, ...], str]] = {}
+        # What the model is to be asked about the pending approval about to open: first_look
+        # and the hold that opens it run with no await between, so one slot is enough (and a
+        # request refused by the queue limits leaves nothing behind but this slot).
+        self._consult_next: tuple[tuple[str, int], tuple[Any, ...]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         approvals.subscribe(self._pending_event)
         audit.add_sink(self._event)
@@ -83,6 +85,7 @@ class AutoReview:
                    agent: str | None) -> tuple[Verdict | None, dict[str, Any] | None]:
         """A verdict the rules reviewer gives at once, or None with what to show a person."""
         settings = policy.settings.auto_review
+        self._consult_next = None
         if not settings.enabled:
             return None, None
         owners = owners_of(flow, agent)
@@ -102,7 +105,7 @@ class AutoReview:
         if not review.certain and settings.model_url:
             self._record(review, asked, latency, consulting="model")
             who = agent or (client_text(flow.client_conn) or "").rpartition(":")[0]
-            self._consults[(held.host, held.port)] = (asked, review, settings, owners, who)
+            self._consult_next = ((held.host, held.port), (asked, review, settings, owners, who))
             return None, note(review, "reviewing")
         self._record(review, asked, latency)
         if review.outcome == "escalate":
@@ -131,9 +134,11 @@ class AutoReview:
         pending = message.get("pending", {})
         if message.get("event") != "pending.opened" or pending.get("request_rule"):
             return
-        consult = self._consults.pop((pending["host"], pending["port"]), None)
-        if consult is None:
+        if self._consult_next is None or self._consult_next[0] != (pending["host"],
+                                                                   pending["port"]):
             return
+        consult = self._consult_next[1]
+        self._consult_next = None
         task = asyncio.get_running_loop().create_task(self._consult(pending["id"], *consult))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -15,7 +15,8 @@ from pathlib import Path
 from origins import CountingServer
 from proxyproc import ProxyProcess
 
-ORIGIN_ADDRESS = "127.0.0.42"
+# Port 80 of a loopback address of this test run's own: two runs side by side do not collide.
+ORIGIN_ADDRESS = f"127.42.{os.getpid() % 250 + 1}.{os.getpid() // 250 % 250 + 1}"
 
 
 def start_web80(root: Path) -> CountingServer:
