@@ -136,7 +136,8 @@ class Approvals:
 
     async def hold(self, flow: http.HTTPFlow, decision: Decision, timeout: float,
                    agent: str | None = None, asked: str = "",
-                   review: dict[str, Any] | None = None) -> Verdict | None:
+                   review: dict[str, Any] | None = None,
+                   opened: Callable[[str], None] | None = None) -> Verdict | None:
         """Wait for a person's verdict on this request; None if the client left first.
 
         ``asked`` ("METHOD /path") holds it for an ask request rule: one pending approval
@@ -172,6 +173,8 @@ class Approvals:
         pending.waiters.append(waiter)
         pending.requests += 1
         self._notify(event, pending)
+        if opened is not None and event == "pending.opened":
+            opened(pending.id)  # auto-review's model, asked about exactly this one
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.create_task(self._watch_clients())
         # While a person decides, nothing more is read from the client: what it sends waits

@@ -13,13 +13,16 @@ for a person.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from agent_egress.policy import Action, CompiledPolicy, Decision
 from agent_egress.policy.engine import AutoReviewPolicy
+from agent_egress.policy.paths import display_path
 from agent_egress.policy.review import (
     Review,
     ReviewAnswer,
@@ -35,11 +38,11 @@ from mitmproxy import http
 from .approvals import Approvals
 from .auditlog import AuditLog
 from .connections import client_text
-from .events import logged_path
 from .pending import ApprovalError, Verdict, owners_of
 from .review_state import Breaker, Pause, Recent, Siblings
 
 logger = logging.getLogger(__name__)
+MODEL_CALLS = 4  # at most this many questions to the model at once
 
 
 class ModelReviewer(Protocol):
@@ -52,6 +55,13 @@ class ModelReviewer(Protocol):
 ModelFactory = Callable[[AutoReviewPolicy], ModelReviewer]  # raises with a message on failure
 
 
+def shortened_path(target: str) -> str:
+    """A request's path as the reviewer (and a model) sees it: no query, at most 256
+    characters."""
+    path = display_path(target, limit=None)
+    return path if len(path) <= 256 else f"{path[:256]}..."
+
+
 def note(review: Review | None, state: str, rationale: str = "") -> dict[str, Any]:
     """What `pending` and `watch` show of a review beside the held request."""
     if review is None:
@@ -60,60 +70,71 @@ def note(review: Review | None, state: str, rationale: str = "") -> dict[str, An
             "rationale": review.rationale}
 
 
+class FirstLook(NamedTuple):
+    """What the rules reviewer made of a held request before anything is held."""
+
+    verdict: Verdict | None = None  # decided at once
+    note: dict[str, Any] | None = None  # else: what pending/watch show beside it
+    consult: Callable[[str], None] | None = None  # the model to ask once it is held (by id)
+
+
 class AutoReview:
     def __init__(self, audit: AuditLog, approvals: Approvals,
+                 policy: Callable[[], CompiledPolicy | None],
                  model_factory: ModelFactory | None = None) -> None:
         self.audit = audit
         self.approvals = approvals
+        self.policy = policy  # the policy in force, which a late model answer is checked against
         self.model_factory = model_factory
         self.breaker = Breaker()
         self.siblings = Siblings()
         self.recent = Recent()
         self._rules: tuple[CompiledPolicy, RulesReviewer] | None = None
         self._model: tuple[AutoReviewPolicy, ModelReviewer | None, str] | None = None
-        # What the model is to be asked about the pending approval about to open: first_look
-        # and the hold that opens it run with no await between, so one slot is enough (and a
-        # request refused by the queue limits leaves nothing behind but this slot).
-        self._consult_next: tuple[tuple[str, int], tuple[Any, ...]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        approvals.subscribe(self._pending_event)
+        self._model_calls = asyncio.Semaphore(MODEL_CALLS)
         audit.add_sink(self._event)
 
     # -- the first look, before anything is held --------------------------------------------
 
     def first_look(self, policy: CompiledPolicy, flow: http.HTTPFlow, held: Decision,
-                   agent: str | None) -> tuple[Verdict | None, dict[str, Any] | None]:
-        """A verdict the rules reviewer gives at once, or None with what to show a person."""
+                   agent: str | None) -> FirstLook:
+        """A verdict the rules reviewer gives at once, or what to show a person (and, when
+        the rules are unsure and a model is configured, the consult to start once held)."""
         settings = policy.settings.auto_review
-        self._consult_next = None
         if not settings.enabled:
-            return None, None
+            return FirstLook()
         owners = owners_of(flow, agent)
         if (pause := self.breaker.paused_for(owners)) is not None:
-            return None, note(None, "paused", f"auto-review is paused for {pause.owner} after "
-                                              f"{pause.denials} auto-denials")
+            return FirstLook(note=note(None, "paused", f"auto-review is paused for "
+                                                       f"{pause.owner} after {pause.denials} "
+                                                       "auto-denials"))
         reviewer = self._rules_for(policy)
         request = flow.request
         connect = request.method == "CONNECT"
         siblings = 1 if is_ip_literal(held.host) else self.siblings.seen(
             owners, registrable_domain(held.host), held.host)
         asked = ReviewRequest(held.host, held.port, agent, None if connect else request.method,
-                              None if connect else logged_path(request.path), siblings)
+                              None if connect else shortened_path(request.path), siblings)
+        # An approval seen with its method (plain HTTP) is for that request alone: a read
+        # approved for the session would let the next request, a write, through unreviewed.
+        scope = "once" if asked.method else settings.scope
         started = time.perf_counter()
         review = reviewer.review(asked, settings.max_risk)
         latency = (time.perf_counter() - started) * 1000
         if not review.certain and settings.model_url:
             self._record(review, asked, latency, consulting="model")
             who = agent or (client_text(flow.client_conn) or "").rpartition(":")[0]
-            self._consult_next = ((held.host, held.port), (asked, review, settings, owners, who))
-            return None, note(review, "reviewing")
+            return FirstLook(note=note(review, "reviewing"), consult=lambda approval_id: (
+                self._spawn(self._consult(approval_id, asked, review, settings, scope, owners,
+                                          who))))
         self._record(review, asked, latency)
         if review.outcome == "escalate":
-            return None, note(review, "escalated")
+            return FirstLook(note=note(review, "escalated"))
         actor = "auto-review:rules"
         if review.outcome == "allow":
-            verdict = Verdict(Action.ALLOW, settings.scope, actor, detail=review.rationale)
-            if settings.scope == "session":
+            verdict = Verdict(Action.ALLOW, scope, actor, detail=review.rationale)
+            if scope == "session":
                 self.approvals.grant(held.host, held.port, verdict)
         else:
             verdict = Verdict(Action.DENY, "once", actor, detail=review.rationale)
@@ -121,7 +142,7 @@ class AutoReview:
         self.audit.emit("approval.decided", host=held.host, port=held.port,
                         decision=verdict.action.value, scope=verdict.scope, actor=actor,
                         released=1, agent=agent, wait_ms=round(latency, 3))
-        return verdict, None
+        return FirstLook(verdict=verdict)
 
     def _rules_for(self, policy: CompiledPolicy) -> RulesReviewer:
         if self._rules is None or self._rules[0] is not policy:
@@ -130,40 +151,59 @@ class AutoReview:
 
     # -- the model, while the request is held -----------------------------------------------
 
-    def _pending_event(self, message: dict[str, Any]) -> None:
-        pending = message.get("pending", {})
-        if message.get("event") != "pending.opened" or pending.get("request_rule"):
-            return
-        if self._consult_next is None or self._consult_next[0] != (pending["host"],
-                                                                   pending["port"]):
-            return
-        consult = self._consult_next[1]
-        self._consult_next = None
-        task = asyncio.get_running_loop().create_task(self._consult(pending["id"], *consult))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def _consult(self, approval_id: str, asked: ReviewRequest, rules: Review,
-                       settings: AutoReviewPolicy, owners: tuple[str, ...], who: str) -> None:
+                       settings: AutoReviewPolicy, scope: str, owners: tuple[str, ...],
+                       who: str) -> None:
+        """Ask the model; whatever goes wrong, the pending approval ends up before a person."""
+        try:
+            review = await self._ask_model(approval_id, asked, rules, settings, owners, who)
+            self._apply(approval_id, review, asked, settings, scope, owners)
+        except Exception:
+            logger.exception("auto-review failed; the request goes to a person")
+            with contextlib.suppress(ApprovalError):
+                self.approvals.annotate(approval_id, note(
+                    None, "escalated", "auto-review failed; a person decides"))
+
+    async def _ask_model(self, approval_id: str, asked: ReviewRequest, rules: Review,
+                         settings: AutoReviewPolicy, owners: tuple[str, ...],
+                         who: str) -> Review:
         started = time.perf_counter()
         error = None
-        model, name = self._model_for(settings)
+        model, problem = self._model_for(settings)
         try:
             if model is None:
-                raise RuntimeError(name)
-            answer = await model.review(review_data(asked, rules, self.recent.of(who)))
+                raise RuntimeError(problem)
+            async with self._model_calls:  # a flood of held names queues, not a flood of calls
+                answer = await model.review(review_data(asked, rules, self.recent.of(who)))
             review = bounded(answer, rules, settings.max_risk, model.model)
         except Exception as exc:  # every failure leaves the request to a person
             error = getattr(exc, "code", "unavailable")
             review = Review("model", rules.risk_level, "escalate",
                             f"the model reviewer gave no usable answer ({error}: {exc}); a "
                             "person decides", rules.signals, model=settings.model)
-        latency = (time.perf_counter() - started) * 1000
-        self._record(review, asked, latency, approval_id=approval_id, error=error)
+        if review.outcome == "allow" and (why := self._allow_withdrawn(settings, owners)):
+            review = dataclasses.replace(review, outcome="escalate", proposed="allow",
+                                         rationale=f"{review.rationale} (not applied: {why})")
+        self._record(review, asked, (time.perf_counter() - started) * 1000,
+                     approval_id=approval_id, error=error)
+        return review
+
+    def _allow_withdrawn(self, settings: AutoReviewPolicy,
+                         owners: tuple[str, ...]) -> str | None:
+        """Why a model's allow may no longer apply: the answer came after a change."""
+        if (pause := self.breaker.paused_for(owners)) is not None:
+            return f"auto-review paused for {pause.owner} meanwhile"
+        policy = self.policy()
+        if policy is None or policy.settings.auto_review != settings:
+            return "the auto-review settings changed meanwhile"
+        return None
+
+    def _apply(self, approval_id: str, review: Review, asked: ReviewRequest,
+               settings: AutoReviewPolicy, scope: str, owners: tuple[str, ...]) -> None:
         actor = "auto-review:model"
         try:
             if review.outcome == "allow":
-                self.approvals.decide(approval_id, "allow", settings.scope, actor,
+                self.approvals.decide(approval_id, "allow", scope, actor,
                                       detail=review.rationale)
             elif review.outcome == "deny":
                 self.approvals.decide(approval_id, "deny", "once", actor,
@@ -171,8 +211,9 @@ class AutoReview:
                 self._denied(owners, asked.agent, settings)
             else:
                 self.approvals.annotate(approval_id, note(review, "escalated"))
-        except ApprovalError:
-            pass  # a person (or the deadline) decided first
+        except ApprovalError as exc:
+            if exc.code != "unknown_id":  # not already decided by a person or the deadline
+                raise
 
     def _model_for(self, settings: AutoReviewPolicy) -> tuple[ModelReviewer | None, str]:
         """The model client for these settings, made once per change of them."""
@@ -223,12 +264,17 @@ class AutoReview:
         return [_pause_fields(p) for p in self.breaker.paused.values()]
 
     def _event(self, event: str, fields: dict[str, Any]) -> None:
-        if event != "request.decided":
+        """Each agent's decisions, kept for the model's context: only while one is used."""
+        if event != "request.decided" or not self._model_in_use():
             return
         who = fields.get("agent") or str(fields.get("client") or "").rpartition(":")[0]
         if who:
-            self.recent.add(who, {key: fields.get(key) for key in (
-                "host", "port", "method", "decision", "reason")})
+            self.recent.add(who, fields)
+
+    def _model_in_use(self) -> bool:
+        policy = self.policy()
+        return policy is not None and bool(policy.settings.auto_review.enabled
+                                           and policy.settings.auto_review.model_url)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)

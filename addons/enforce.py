@@ -26,7 +26,7 @@ from mitmproxy import ctx, exceptions, http
 
 from .approvals import Approvals
 from .auditlog import AuditLog
-from .autoreview import AutoReview
+from .autoreview import AutoReview, FirstLook
 from .events import decision_fields, interception_fields, logged_path, request_fields
 from .httpchecks import (
     host_header_mismatch,
@@ -190,10 +190,11 @@ class Enforcer:
         settings = self.policy.settings
         agent = agent_of(flow)
         verdict = self.approvals.session_verdict(held.host, held.port, request)
-        review = None
+        look = FirstLook()
         if verdict is None and self.review is not None and not request and (
                 (held.host, held.port, "") not in self.approvals.pending):  # not joining one
-            verdict, review = self.review.first_look(self.policy, flow, held, agent)
+            look = self.review.first_look(self.policy, flow, held, agent)
+            verdict = look.verdict
         verdict = verdict or self.approvals.admit(
             flow, held, agent, settings.max_pending, settings.max_pending_per_agent, request)
         if verdict is None:
@@ -201,7 +202,8 @@ class Enforcer:
                             **{**decision_fields(held), "decision": "held"},
                             **interception_fields(flow))
             verdict = await self.approvals.hold(flow, held, settings.approval_timeout,
-                                                agent=agent, asked=request, review=review)
+                                                agent=agent, asked=request, review=look.note,
+                                                opened=look.consult)
             if verdict is None:
                 flow.kill()
                 return None

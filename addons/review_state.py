@@ -12,19 +12,23 @@ from typing import Any
 
 WINDOW = 600.0  # seconds: denials and subdomains count within the last 10 minutes
 MAX_KEYS = 4096  # agents (or clients) remembered; the least recently seen are forgotten
-MAX_NAMES = 256  # distinct names remembered per agent and domain
+MAX_NAMES = 64  # distinct names remembered per agent and domain (the burst signal needs 5)
 RECENT = 20
 
 
-class _Bounded(OrderedDict[str, Any]):
-    """Least-recently-used keys fall out past MAX_KEYS."""
+class _Bounded(OrderedDict[Any, Any]):
+    """Least-recently-used keys fall out past ``limit``."""
 
-    def touch(self, key: str, default: Callable[[], Any]) -> Any:
+    def __init__(self, limit: int = MAX_KEYS) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def touch(self, key: Any, default: Callable[[], Any]) -> Any:
         if key in self:
             self.move_to_end(key)
         else:
             self[key] = default()
-            if len(self) > MAX_KEYS:
+            if len(self) > self.limit:
                 self.popitem(last=False)
         return self[key]
 
@@ -86,14 +90,17 @@ class Siblings:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self._names = _Bounded()  # "owner domain" -> OrderedDict name -> time
+        # hash("owner domain") -> OrderedDict hash(name) -> time: numbers, not the names an
+        # agent chose (up to 253 characters each), so the worst case stays small.
+        self._names = _Bounded()
 
     def seen(self, owners: Iterable[str], domain: str, host: str) -> int:
-        now, most = self.clock(), 0
+        now, most, name = self.clock(), 0, hash(host)
         for owner in owners:
-            names: OrderedDict[str, float] = self._names.touch(f"{owner} {domain}", OrderedDict)
-            names[host] = now
-            names.move_to_end(host)
+            names: OrderedDict[int, float] = self._names.touch(hash(f"{owner} {domain}"),
+                                                               OrderedDict)
+            names[name] = now
+            names.move_to_end(name)
             while names and (next(iter(names.values())) < now - WINDOW
                              or len(names) > MAX_NAMES):
                 names.popitem(last=False)
@@ -104,11 +111,15 @@ class Siblings:
 class Recent:
     """Each agent's latest request decisions, for the model's context."""
 
-    def __init__(self) -> None:
-        self._by_agent = _Bounded()
+    FIELDS = ("host", "port", "method", "decision", "reason")
 
-    def add(self, agent: str, entry: dict[str, Any]) -> None:
+    def __init__(self) -> None:
+        self._by_agent = _Bounded(limit=1024)
+
+    def add(self, agent: str, fields: dict[str, Any]) -> None:
+        entry = tuple(fields.get(key) for key in self.FIELDS)
         self._by_agent.touch(agent, lambda: deque(maxlen=RECENT)).append(entry)
 
     def of(self, agent: str) -> list[dict[str, Any]]:
-        return list(self._by_agent.get(agent, ()))
+        return [dict(zip(self.FIELDS, entry, strict=True))
+                for entry in self._by_agent.get(agent, ())]

@@ -35,7 +35,10 @@ RISKS = ("low", "medium", "high", "critical")
 Risk = Literal["low", "medium", "high", "critical"]
 Outcome = Literal["allow", "deny", "escalate"]
 LOOKALIKE_INDEXED = 5000  # allowed names checked for one-letter imitations (~1 KiB each)
-SUBDOMAIN_BURST = 5  # distinct unknown names under one domain from one agent: a DNS-tunnel shape
+SUBDOMAIN_BURST = 5  # distinct unknown names under one domain from one agent: a DNS tunnel
+# Presets not counted as known hosts unless the policy allows them: a push to an account the
+# agent was handed is the classic way code leaves.
+SOURCE_HOSTING = frozenset({"github", "gitlab"})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE", "PROPPATCH", "MKCOL", "COPY",
                            "MOVE", "LOCK", "UNLOCK"})
 _CATEGORY_TEXT = {
@@ -120,12 +123,16 @@ class RulesReviewer:
 
     @classmethod
     def build(cls, policy: CompiledPolicy) -> RulesReviewer:
-        allowed = {registrable_domain(rule.pattern.key) for layer in policy.layers
-                   for rule in layer.allow_rules
-                   if rule.pattern.kind not in (Kind.ANY, Kind.NETWORK) and rule.pattern.key}
+        # A domain counts as allowed when a rule allows the domain itself (pypi.org,
+        # **.example.com): allowing one service of a large organisation (developer.mozilla.org,
+        # dl.google.com) vouches for that service, not for its paste site or its forms.
+        allowed = {key for layer in policy.layers for rule in layer.allow_rules
+                   if rule.pattern.kind not in (Kind.ANY, Kind.NETWORK)
+                   and (key := rule.pattern.key) and registrable_domain(key) == key}
         ecosystem_rules = [
             Rule(parse_pattern(text), Action.ALLOW, f"preset {name!r}", index, "review")
-            for name, preset in presets().items() for index, text in enumerate(preset.allow)]
+            for name, preset in presets().items() if name not in SOURCE_HOSTING
+            for index, text in enumerate(preset.allow)]
         ecosystem = {registrable_domain(rule.pattern.key) for rule in ecosystem_rules}
         risky = {domain: category for category, domains in review_data()["risky"].items()
                  for domain in domains}
@@ -140,14 +147,17 @@ class RulesReviewer:
             score = (0 if any(s.effect == "lower" for s in signals) else 1) + sum(
                 s.effect == "raise" for s in signals)
         risk: Risk = RISKS[min(score, 3)]  # type: ignore[assignment]
+        # Unsure: medium with nothing known for it. The rules never approve that; a model
+        # may be asked, else a person decides.
+        certain = risk != "medium" or any(s.effect == "lower" for s in signals)
         if risk == "critical":
             outcome: Outcome = "deny"
         else:
-            outcome = "allow" if risk_at_most(risk, max_risk) else "escalate"
+            outcome = "allow" if certain and risk_at_most(risk, max_risk) else "escalate"
         said = "; ".join(s.text for s in signals) or (
             "an unknown destination with nothing known for or against it")
         return Review("rules", risk, outcome, f"{risk} risk: {said}.", tuple(signals),
-                      certain=risk != "medium")
+                      certain=certain)
 
     def signals(self, request: ReviewRequest) -> list[Signal]:
         host, signals = request.host, []

@@ -131,7 +131,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         interception = Interception(audit, pinning, policy, local_ca,
                                     explain_https=explain_https)
         port = ProxyPort(audit, interception.upstream_failure)
-        review = AutoReview(audit, approvals, model_factory=review_model)
+        review = AutoReview(audit, approvals, policy, model_factory=review_model)
         enforcer = Enforcer(audit, pinning, approvals, discard_body=port.discard_body,
                             review=review)
         reloader = PolicyReload(enforcer, audit)

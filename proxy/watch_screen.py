@@ -158,6 +158,8 @@ def _review(review: dict[str, Any] | None) -> str:
         return "  [auto-review: the model is reviewing it]"
     if state == "paused":
         return f"  [auto-review paused: {why}]"
+    if not review.get("risk_level"):
+        return f"  [auto-review: {why}]"
     return (f"  [auto-review: {printable(review.get('risk_level'))} risk "
             f"({printable(review.get('reviewer'))}): {why}]")
 

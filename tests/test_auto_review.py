@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import time
 
 import pytest
 from holding import wait_pending
+from origins import CountingServer
 from otlp import HttpReceiver
 from proxyproc import ProxyProcess
-from reviewing import WatchTerminal, curl, fetch, review_policy, start_web80
+from reviewing import ORIGIN_ADDRESS, WatchTerminal, curl, fetch, review_policy, start_web80
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen on port 80")
 
@@ -27,6 +29,16 @@ def web80(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def web443(tmp_path_factory, ca):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert(*NAMES).configure_cert(context)
+    server = CountingServer("web443", tmp_path_factory.mktemp("web443"), context,
+                            (ORIGIN_ADDRESS, 443)).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def review_proxy(tmp_path, web80):
     process = ProxyProcess(tmp_path / "proxy", review_policy(NAMES))
@@ -34,26 +46,36 @@ def review_proxy(tmp_path, web80):
     process.stop()
 
 
-def test_low_risk_host_is_released_without_a_person(review_proxy, web80, client_env):
-    out = fetch(client_env, review_proxy, "http://test.pypi.org/hello")
-    assert out.startswith("HTTP/1.1 200") and "hello from web80" in out
+def test_low_risk_host_is_released_without_a_person(review_proxy, web443, client_env):
+    out = fetch(client_env, review_proxy, "https://test.pypi.org/hello")
+    assert out.startswith("HTTP/1.1 200") and "hello from web443" in out
     reviewed = review_proxy.wait_for_event(lambda e: e["event"] == "approval.reviewed")
     assert reviewed["reviewer"] == "rules" and reviewed["risk_level"] == "low"
     assert reviewed["outcome"] == "allow" and reviewed["signals"] == ["allowed_domain"]
     assert "pypi.org is already allowed" in reviewed["rationale"]
-    assert reviewed["latency_ms"] < 1000 and reviewed["method"] == "GET"
+    assert reviewed["latency_ms"] < 1000 and reviewed.get("method") is None  # a CONNECT
     decided = review_proxy.wait_for_event(lambda e: e["event"] == "approval.decided")
     assert decided["actor"] == "auto-review:rules" and decided["scope"] == "session"
     allowed = review_proxy.wait_for_event(lambda e: e.get("reason") == "approved")
     assert allowed["approval_actor"] == "auto-review:rules"
     assert not review_proxy.events("approval.requested")  # nobody was asked
     # The session grant answers the next request: no second review.
-    assert fetch(client_env, review_proxy, "http://test.pypi.org/hello").startswith(
+    assert fetch(client_env, review_proxy, "https://test.pypi.org/hello").startswith(
         "HTTP/1.1 200")
     assert len(review_proxy.events("approval.reviewed")) == 1
-    explained = review_proxy.cli("policy", "explain", "--running", "test.pypi.org:80")
+    explained = review_proxy.cli("policy", "explain", "--running", "test.pypi.org")
     assert "approved by auto-review:rules for the session (auto-review's decision" in (
         explained.stdout), explained.stdout
+
+
+def test_over_plain_http_an_approval_is_for_that_request_alone(review_proxy, web80,
+                                                               client_env):
+    for _ in range(2):
+        out = fetch(client_env, review_proxy, "http://test.pypi.org/hello")
+        assert out.startswith("HTTP/1.1 200") and "hello from web80" in out
+    reviews = review_proxy.events("approval.reviewed")
+    assert [e["method"] for e in reviews] == ["GET", "GET"]
+    assert {e["scope"] for e in review_proxy.events("approval.decided")} == {"once"}
 
 
 def test_critical_host_is_refused_with_the_rationale(review_proxy, web80, client_env):

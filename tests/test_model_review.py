@@ -67,7 +67,8 @@ def test_model_allow_releases_the_request(model_proxy, model, client_env):
     assert rules[0]["risk_level"] == "medium" and rules[0]["consulting"] == "model"
     decided = model_proxy.wait_for_event(lambda e: e["event"] == "approval.decided"
                                          and e["host"] == "wiki0-notes.org")
-    assert decided["actor"] == "auto-review:model" and decided["scope"] == "session"
+    # Plain HTTP: the approval is for this request alone (a session one covers HTTPS).
+    assert decided["actor"] == "auto-review:model" and decided["scope"] == "once"
     sent = model.received[-1]
     assert sent["model"] == "test-model"
     assert sent["response_format"]["type"] == "json_schema"

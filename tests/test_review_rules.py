@@ -33,19 +33,26 @@ def reviewer(tmp_path_factory) -> RulesReviewer:
 TABLE = [
     # Already allowed registrable domains, and the presets' package and docs hosts: low.
     ("test.pypi.org", 443, None, "low", "allow", "allowed_domain"),
-    ("uploads.example-corp.com", 443, None, "low", "allow", "allowed_domain"),
+    ("api2.pypi.org", 443, None, "low", "allow", "allowed_domain"),
     ("docs.rs", 443, None, "low", "allow", "known_ecosystem"),
     ("foo.readthedocs.io", 443, None, "low", "allow", "known_ecosystem"),
     ("registry.npmjs.org", 443, None, "low", "allow", "known_ecosystem"),
     ("static.crates.io", 443, None, "low", "allow", "known_ecosystem"),
     ("proxy.golang.org", 443, None, "low", "allow", "known_ecosystem"),
     ("deb.debian.org", 80, None, "low", "allow", "known_ecosystem"),
-    ("objects.githubusercontent.com", 443, None, "low", "allow", "known_ecosystem"),
+    ("pkg.go.dev", 443, None, "low", "allow", "known_ecosystem"),
     ("developer.mozilla.org", 443, None, "low", "allow", "known_ecosystem"),
     ("test.pypi.org", 443, "GET", "low", "allow", "allowed_domain"),
     # Lowered, then raised again: a write, an odd port.
     ("test.pypi.org", 443, "POST", "medium", "escalate", "write_method"),
     ("docs.rs", 8443, None, "medium", "escalate", "unusual_port"),
+    # Allowing one service of an organisation does not vouch for its others.
+    ("uploads.example-corp.com", 443, None, "medium", "escalate", None),
+    # Source hosting is not counted as known unless the policy allows it (a push leaks code).
+    ("gitlab.com", 443, None, "medium", "escalate", None),
+    # Paste and form services of organisations whose other hosts agents use.
+    ("paste.mozilla.org", 443, None, "critical", "deny", "risky_service"),
+    ("docs.google.com", 443, None, "critical", "deny", "risky_service"),
     # Hosting platforms' user names are registrable domains of their own (PSL private part).
     ("someone.github.io", 443, None, "medium", "escalate", None),
     ("bucket.s3.amazonaws.com", 443, None, "medium", "escalate", None),
@@ -114,15 +121,18 @@ def test_rules_reviewer_scores_destinations(reviewer, host, port, method, risk, 
     else:
         assert signal in names, review.rationale
     assert review.rationale.startswith(f"{risk} risk: ") and review.rationale.endswith(".")
-    assert review.certain == (risk != "medium")
+    assert review.certain == (risk != "medium" or "lower" in [s.effect for s in review.signals])
 
 
 def test_table_is_large_enough() -> None:
     assert len(TABLE) >= 40
 
 
-def test_max_risk_medium_approves_unremarkable_hosts_and_nothing_higher(reviewer) -> None:
-    assert reviewer.review(ReviewRequest("kubernetes.io", 443), "medium").outcome == "allow"
+def test_max_risk_medium_approves_what_the_rules_know_and_nothing_unknown(reviewer) -> None:
+    known = reviewer.review(ReviewRequest("test.pypi.org", 443, method="POST"), "medium")
+    assert (known.risk_level, known.outcome) == ("medium", "allow")
+    unknown = reviewer.review(ReviewRequest("kubernetes.io", 443), "medium")
+    assert unknown.outcome == "escalate" and not unknown.certain  # for a model, or a person
     assert reviewer.review(ReviewRequest("githuh.com", 443), "medium").outcome == "escalate"
     assert reviewer.review(ReviewRequest("webhook.site", 443), "medium").outcome == "deny"
 
