@@ -157,6 +157,13 @@ def test_watch_shows_a_pause_and_r_resumes_it(review_proxy, web80, client_env):
     terminal = WatchTerminal(review_proxy)
     try:
         terminal.read_until(b"watching")
+        # A high-risk name is asked about with the rules reviewer's reason beside it.
+        held = curl(client_env, review_proxy, "http://a8f3k2m9q7x1b5z.example.com/hello")
+        terminal.read_until(b"[q]uit?")
+        assert b"[auto-review: high risk (rules): high risk: a label looks random" in (
+            terminal.output)
+        terminal.press(b"d")
+        assert held.communicate(timeout=30)[0].startswith("HTTP/1.1 403")
         for name in ("webhook.site", "transfer.sh", "pastebin.com"):
             fetch(client_env, review_proxy, f"http://{name}/hello", agent="bot2")
         terminal.read_until(b"(or press r)")
