@@ -63,8 +63,8 @@ def review_data(request: ReviewRequest, rules: Review,
     }
 
 
-def data_message(data: Mapping[str, Any]) -> str:
+def data_message(data: Mapping[str, Any], intro: str = "Review this held request.") -> str:
     """The user message: the data block between the markers, which nothing in it can close."""
     document = json.dumps(data, ensure_ascii=True, indent=1)
     document = document.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return f"Review this held request.\n{DATA_OPEN}\n{document}\n{DATA_CLOSE}"
+    return f"{intro}\n{DATA_OPEN}\n{document}\n{DATA_CLOSE}"

@@ -19,6 +19,7 @@ from . import (
     report_cli,
     run,
     serve_cli,
+    triage_cli,
 )
 from .approval_client import ApprovalClientError
 from .textsafe import printable_lines
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_parsers(commands)
     run.add_parsers(commands)
     report_cli.add_parsers(commands)
+    triage_cli.add_parsers(commands)
     policy_cli.add_parsers(commands)
     ca_cli.add_parsers(commands)
     credentials_cli.add_parsers(commands)

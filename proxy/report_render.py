@@ -9,7 +9,6 @@ import csv
 import html
 import io
 import json
-import re
 from datetime import datetime
 from functools import lru_cache
 from importlib import resources
@@ -17,7 +16,7 @@ from string import Template
 
 from .report import HostStats, Report, counted
 from .report_timeline import UNITS, Timeline
-from .textsafe import csv_cell, printable
+from .textsafe import csv_cell, markdown_text, printable
 
 
 def _approval_text(stats: HostStats) -> str:
@@ -105,16 +104,8 @@ def render_csv(report: Report) -> str:
     return buffer.getvalue()
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|&~])")
-
-
-def _markdown_text(text: str) -> str:
-    """Shown as typed by any CommonMark renderer: no links, HTML, entities, code or cells."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", printable(text))
-
-
 def render_markdown(report: Report) -> str:
-    cell = _markdown_text
+    cell = markdown_text
     out = ["# agent-egress report", "", cell(headline(report)), "",
            "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     out += ["| " + " | ".join(cell(c) for c in _row(s)) + " |" for s in report.rows()]

@@ -93,3 +93,11 @@ def csv_cell(value: object) -> str:
     if text.startswith(_FORMULA_START):
         return "'" + text
     return text
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|&~])")
+
+
+def markdown_text(text: object) -> str:
+    """Shown as typed by any CommonMark renderer: no links, HTML, entities, code or cells."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", printable(text))
