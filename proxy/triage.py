@@ -24,29 +24,32 @@ _EVENTS = frozenset({"request.decided", "approval.decided", "approval.reviewed",
                      "tunnel.closed", "credential.used"})
 
 
-@dataclass(slots=True)
 class Destination:
-    """One host:port in a session's timeline."""
+    """One host:port in a session's timeline. There can be hundreds of thousands of them in a
+    large log: slots, and the per-reason counts made only when there is something to count."""
 
-    host: str
-    port: int | None
-    first: str
-    last: str = ""
-    allowed: int = 0
-    held: int = 0
-    refused: Counter[str] = field(default_factory=Counter)  # reason -> n
-    approved_by: Counter[str] = field(default_factory=Counter)  # "person" | "auto-review" -> n
-    denied_by: Counter[str] = field(default_factory=Counter)
-    tunnels: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
+    __slots__ = ("host", "port", "first", "last", "allowed", "held", "refused", "approved_by",
+                 "denied_by", "tunnels", "bytes_up", "bytes_down")
+
+    def __init__(self, host: str, port: int | None, first: str) -> None:
+        self.host, self.port, self.first, self.last = host, port, first, first
+        self.allowed = self.held = self.tunnels = self.bytes_up = self.bytes_down = 0
+        self.refused: dict[str, int] | None = None  # reason -> n
+        self.approved_by: dict[str, int] | None = None  # "person" | "auto-review" -> n
+        self.denied_by: dict[str, int] | None = None
+
+    @staticmethod
+    def count(counts: dict[str, int] | None, key: str) -> dict[str, int]:
+        counts = counts if counts is not None else {}
+        counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def as_dict(self) -> dict[str, Any]:
-        return {"host": self.host, "port": self.port, "first": self.first,
-                "last": self.last or self.first, "allowed": self.allowed, "held": self.held,
-                "refused": dict(self.refused), "approved_by": dict(self.approved_by),
-                "denied_by": dict(self.denied_by), "tunnels": self.tunnels,
-                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+        return {"host": self.host, "port": self.port, "first": self.first, "last": self.last,
+                "allowed": self.allowed, "held": self.held, "refused": self.refused or {},
+                "approved_by": self.approved_by or {}, "denied_by": self.denied_by or {},
+                "tunnels": self.tunnels, "bytes_up": self.bytes_up,
+                "bytes_down": self.bytes_down}
 
 
 @dataclass
@@ -147,14 +150,16 @@ class Triage:
             if decision == "allow":
                 spot.allowed += 1
                 if reason == "approved":
-                    spot.approved_by[_by(event.get("approval_actor"))] += 1
+                    spot.approved_by = spot.count(spot.approved_by,
+                                                  _by(event.get("approval_actor")))
             elif decision == "held":
                 spot.held += 1
             elif decision == "deny":
-                spot.refused[reason] += 1
+                spot.refused = spot.count(spot.refused, reason)
                 session.refusals[reason] += 1
                 if reason == "denied_by_approver":
-                    spot.denied_by[_by(event.get("approval_actor"))] += 1
+                    spot.denied_by = spot.count(spot.denied_by,
+                                                _by(event.get("approval_actor")))
             detectors.decided(event, decision, reason, at, when, where)
         elif name == "approval.decided":
             detectors.approval(event, when, where)

@@ -96,13 +96,14 @@ def cmd_triage(args: argparse.Namespace) -> int:
                               progress=Progress(sum(p.stat().st_size for p in paths)))
     if model is not None:
         asyncio.run(_narrate(model, [s for s in sessions if s.verdict == "escalate"]))
-    text = triage_render.RENDERERS[args.format](result, sessions)
+    chunks = triage_render.RENDERERS[args.format](result, sessions)
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        with Path(args.output).open("w", encoding="utf-8") as out:
+            out.writelines(chunks)
         print(f"wrote {printable(args.output)}: {triage_render.headline(result, sessions)}",
               file=sys.stderr)
     else:
-        sys.stdout.write(text)
+        sys.stdout.writelines(chunks)
     return EXIT_ESCALATE if any(s.verdict == "escalate" for s in sessions) else EXIT_OK
 
 

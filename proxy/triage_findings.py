@@ -227,7 +227,8 @@ def judge(session: Judged) -> tuple[str, str]:
                             f"{scale}; the evidence lines are cited below.")
     refusals = session.refusals
     if not refusals:
-        approved = sum(sum(d.approved_by.values()) for d in session.destinations.values())
+        approved = sum(sum((d.approved_by or {}).values())
+                       for d in session.destinations.values())
         return "expected", (f"Expected: only allowed and approved traffic. {scale}"
                             + (f", {approved} approved on request" if approved else "") + ".")
     parts = []
@@ -236,7 +237,7 @@ def judge(session: Judged) -> tuple[str, str]:
     if timeouts := sum(refusals[r] for r in TIMEOUTS):
         parts.append(f"{timeouts} timeout{'s' * (timeouts != 1)}")
     gaps = sorted({d.host for d in session.destinations.values()
-                   if set(d.refused) - DNS - TIMEOUTS})
+                   if set(d.refused or ()) - DNS - TIMEOUTS})
     if gaps:
         shown = ", ".join(gaps[:5]) + (f" and {len(gaps) - 5} more" if len(gaps) > 5 else "")
         parts.append(f"{len(gaps)} destination{'s' * (len(gaps) != 1)} outside the policy "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from .auditlogs import counted
@@ -44,17 +45,23 @@ def session_dict(session: Session) -> dict[str, Any]:
             "timeline": [d.as_dict() for d in timeline]}
 
 
-def render_json(triage: Triage, sessions: list[Session]) -> str:
-    return json.dumps({"summary": headline(triage, sessions), "events": triage.events,
-                       "malformed_lines": triage.malformed,
-                       "sessions": [session_dict(s) for s in sessions]}, indent=2) + "\n"
+def render_json(triage: Triage, sessions: list[Session]) -> Iterator[str]:
+    """One JSON document, written a session at a time: a log of millions of events can
+    have hundreds of thousands of destinations, never all in memory as text at once."""
+    head = json.dumps({"summary": headline(triage, sessions), "events": triage.events,
+                       "malformed_lines": triage.malformed}, indent=2)
+    yield head[:-2] + ',\n  "sessions": ['
+    for index, session in enumerate(sessions):
+        text = json.dumps(session_dict(session), indent=2).replace("\n", "\n    ")
+        yield f"{',' if index else ''}\n    {text}"
+    yield "\n  ]\n}\n"
 
 
-def render_markdown(triage: Triage, sessions: list[Session]) -> str:
+def render_markdown(triage: Triage, sessions: list[Session]) -> Iterator[str]:
     md = markdown_text
-    out = ["# agent-egress triage", "", md(headline(triage, sessions))]
+    yield f"# agent-egress triage\n\n{md(headline(triage, sessions))}\n"
     for session in map(session_dict, sessions):
-        out += ["", f"## {md(session['agent'])}: {md(session['start'])} to "
+        out = ["", f"## {md(session['agent'])}: {md(session['start'])} to "
                     f"{md(session['end'])}: **{session['verdict'].upper()}**", "",
                 md(session["rationale"])]
         if session["findings"]:
@@ -78,26 +85,26 @@ def render_markdown(triage: Triage, sessions: list[Session]) -> str:
         if len(rows) > TIMELINE_ROWS:
             out.append(f"\n... and {len(rows) - TIMELINE_ROWS} more destinations "
                        "(--format json has them all)")
-    return "\n".join(out) + "\n"
+        yield "\n".join(out) + "\n"
 
 
 def _h(text: object) -> str:
     return html.escape(printable(text))
 
 
-def render_html(triage: Triage, sessions: list[Session]) -> str:
-    parts = ["<!doctype html><meta charset=utf-8><title>agent-egress triage</title>",
+def render_html(triage: Triage, sessions: list[Session]) -> Iterator[str]:
+    yield from ["<!doctype html><meta charset=utf-8><title>agent-egress triage</title>",
              "<style>body{font:14px system-ui,sans-serif;margin:2em;max-width:75em}"
              "table{border-collapse:collapse;width:100%;table-layout:fixed}"
              "td,th{border:1px solid #ccc;padding:.2em .4em;overflow-wrap:anywhere;"
              "text-align:left}.escalate{color:#b00}.benign_error{color:#a60}"
              ".expected{color:#070}</style>",
-             f"<h1>agent-egress triage</h1><p>{_h(headline(triage, sessions))}</p>"]
+             f"<h1>agent-egress triage</h1><p>{_h(headline(triage, sessions))}</p>\n"]
     for session in map(session_dict, sessions):
-        parts.append(f"<h2>{_h(session['agent'])}: {_h(session['start'])} to "
+        parts = [f"<h2>{_h(session['agent'])}: {_h(session['start'])} to "
                      f"{_h(session['end'])}: <span class={session['verdict']}>"
                      f"{_h(session['verdict'].upper())}</span></h2>"
-                     f"<p>{_h(session['rationale'])}</p>")
+                     f"<p>{_h(session['rationale'])}</p>"]
         for finding in session["findings"]:
             items = "".join(f"<li><code>{_h(e['where'])}</code> {_h(e['time'])}: "
                             f"{_h(e['text'])}</li>" for e in finding["evidence"])
@@ -115,7 +122,7 @@ def render_html(triage: Triage, sessions: list[Session]) -> str:
                 spot["tunnels"], f"{spot['bytes_up']:,}", f"{spot['bytes_down']:,}")) + "</tr>"
             for spot in session["timeline"][:TIMELINE_ROWS])
         parts.append(f"<table><tr>{head}</tr>{rows}</table>")
-    return "\n".join(parts) + "\n"
+        yield "\n".join(parts) + "\n"
 
 
 RENDERERS = {"md": render_markdown, "json": render_json, "html": render_html}
