@@ -41,6 +41,7 @@ from .pending import (
     client_gone,
     find_pending,
     owners_of,
+    queue_full,
 )
 
 _PENDING_ID = re.compile(r"[0-9a-f]{8}")
@@ -69,15 +70,19 @@ class Approvals:
 
     # -- queries ---------------------------------------------------------------------------
 
-    def session_verdict(self, host: str, port: int, request: str = "") -> Verdict | None:
+    def session_verdict(self, host: str, port: int, request: str = "",
+                        connect: bool = True) -> Verdict | None:
         """A session decision for this destination (or, with ``request``, for this
-        "METHOD path" on it: an ask request rule)."""
+        "METHOD path" on it: an ask request rule). ``connect``: asked for a tunnel; a request
+        seen with its method does not get a grant made for tunnels only."""
         if request:
             return self._session_requests.get((host, port, request))
         ports = self._session.get(host)
-        if not ports:
-            return None
-        return ports.get(port) or ports.get(None)
+        verdict = (ports.get(port) or ports.get(None)) if ports else None
+        return None if verdict and verdict.connect_only and not connect else verdict
+
+    def is_pending(self, approval_id: str) -> bool:
+        return approval_id in self._by_id
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = asyncio.get_running_loop().time()
@@ -121,18 +126,8 @@ class Approvals:
         """
         if (decision.host, decision.port, request) in self.pending:
             return None
-        full = [owner for owner in owners_of(flow, agent)
-                if self._per_owner[owner] >= max_per_agent]
-        if len(self.pending) >= max_pending:
-            why = (f"{len(self.pending)} destinations already await a person's decision "
-                   f"(approvals.max_pending = {max_pending})")
-        elif full:
-            why = (f"{full[0]} already has {self._per_owner[full[0]]} destinations awaiting a "
-                   f"person's decision (approvals.max_pending_per_agent = {max_per_agent})")
-        else:
-            return None
-        return Verdict(Action.DENY, "queue_full", "limit", detail=(
-            f"not asked about: {why}; retry once those are decided (agent-egress pending)"))
+        return queue_full(len(self.pending), self._per_owner, owners_of(flow, agent),
+                          max_pending, max_per_agent)
 
     async def hold(self, flow: http.HTTPFlow, decision: Decision, timeout: float,
                    agent: str | None = None, asked: str = "",
@@ -169,7 +164,7 @@ class Approvals:
             event = "pending.opened"
         else:
             event = "pending.updated"
-        waiter = Waiter(flow.client_conn, loop.create_future())
+        waiter = Waiter(flow.client_conn, loop.create_future(), request.method)
         pending.waiters.append(waiter)
         pending.requests += 1
         self._notify(event, pending)
@@ -215,13 +210,18 @@ class Approvals:
                             port=pending.port)
             self._close(pending, None, "abandoned")
 
-    def _close(self, pending: Pending, verdict: Verdict | None, outcome: str) -> int:
+    def _close(self, pending: Pending, verdict: Verdict | None, outcome: str,
+               release: str | None = None) -> int:
+        """``release``: only waiters that asked this ("CONNECT", or a method) get the verdict;
+        the others are sent back to be decided afresh (a write that joined a read)."""
         if self._by_id.get(pending.id) is not pending:
             return 0  # already closed
         released = len(pending.waiters)
+        afresh = Verdict(Action.DENY, "reload", "policy", pending.id)
         for waiter in pending.waiters:
             if not waiter.future.done():
-                waiter.future.set_result(verdict)
+                waiter.future.set_result(
+                    verdict if release is None or waiter.method == release else afresh)
         pending.waiters.clear()
         if pending.timer is not None:
             pending.timer.cancel()
@@ -236,10 +236,11 @@ class Approvals:
 
     # -- deciding --------------------------------------------------------------------------
 
-    def decide(self, target: str, decision: str, scope: str, actor: str,
-               detail: str = "") -> dict[str, Any]:
+    def decide(self, target: str, decision: str, scope: str, actor: str, detail: str = "",
+               release: str | None = None, connect_only: bool = False) -> dict[str, Any]:
         """Apply a person's (or auto-review's) decision; returns what it did, for the
-        approver's client. ``detail``: the reviewer's rationale, told to the agent."""
+        approver's client. Auto-review's: ``detail``, its rationale (told to the agent);
+        ``release``, what it reviewed (see _close); ``connect_only``, a grant for tunnels."""
         check_decision(decision, scope, self.allowed_scopes)
         action = Action(decision)
         matches, host, port = find_pending(target, self._by_id, self.pending.values())
@@ -264,7 +265,8 @@ class Approvals:
         released = 0
         ids = []
         for pending in matches or [None]:
-            verdict = Verdict(action, scope, actor, pending.id if pending else None, detail)
+            verdict = Verdict(action, scope, actor, pending.id if pending else None, detail,
+                              connect_only)
             if pending is not None and pending.request:
                 if scope == "session":
                     self._session_requests[pending.key] = verdict
@@ -278,7 +280,7 @@ class Approvals:
                             wait_ms=pending.waited_ms() if pending else None)
             if pending is not None:
                 ids.append(pending.id)
-                released += self._close(pending, verdict, decision)
+                released += self._close(pending, verdict, decision, release)
         result = {"host": host, "port": port, "decision": decision, "scope": scope,
                   "ids": ids, "released": released}
         if written is None:

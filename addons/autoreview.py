@@ -43,6 +43,11 @@ from .review_state import Breaker, Pause, Recent, Siblings
 
 logger = logging.getLogger(__name__)
 MODEL_CALLS = 4  # at most this many questions to the model at once
+MODEL_QUEUE = 64  # and at most this many waiting for one; beyond, a person decides at once
+
+
+class ModelBusy(Exception):
+    code = "busy"
 
 
 class ModelReviewer(Protocol):
@@ -93,6 +98,7 @@ class AutoReview:
         self._model: tuple[AutoReviewPolicy, ModelReviewer | None, str] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._model_calls = asyncio.Semaphore(MODEL_CALLS)
+        self._queued = 0
         audit.add_sink(self._event)
 
     # -- the first look, before anything is held --------------------------------------------
@@ -133,7 +139,8 @@ class AutoReview:
             return FirstLook(note=note(review, "escalated"))
         actor = "auto-review:rules"
         if review.outcome == "allow":
-            verdict = Verdict(Action.ALLOW, scope, actor, detail=review.rationale)
+            verdict = Verdict(Action.ALLOW, scope, actor, detail=review.rationale,
+                              connect_only=connect)
             if scope == "session":
                 self.approvals.grant(held.host, held.port, verdict)
         else:
@@ -157,7 +164,8 @@ class AutoReview:
         """Ask the model; whatever goes wrong, the pending approval ends up before a person."""
         try:
             review = await self._ask_model(approval_id, asked, rules, settings, owners, who)
-            self._apply(approval_id, review, asked, settings, scope, owners)
+            if review is not None:
+                self._apply(approval_id, review, asked, settings, scope, owners)
         except Exception:
             logger.exception("auto-review failed; the request goes to a person")
             with contextlib.suppress(ApprovalError):
@@ -166,15 +174,23 @@ class AutoReview:
 
     async def _ask_model(self, approval_id: str, asked: ReviewRequest, rules: Review,
                          settings: AutoReviewPolicy, owners: tuple[str, ...],
-                         who: str) -> Review:
+                         who: str) -> Review | None:
         started = time.perf_counter()
         error = None
         model, problem = self._model_for(settings)
         try:
             if model is None:
                 raise RuntimeError(problem)
-            async with self._model_calls:  # a flood of held names queues, not a flood of calls
-                answer = await model.review(review_data(asked, rules, self.recent.of(who)))
+            if self._queued >= MODEL_QUEUE:
+                raise ModelBusy(f"{self._queued} reviews already wait for the model")
+            self._queued += 1
+            try:
+                async with self._model_calls:  # a flood of held names queues, not of calls
+                    if not self.approvals.is_pending(approval_id):
+                        return None  # decided (or expired) while it waited: nothing to ask
+                    answer = await model.review(review_data(asked, rules, self.recent.of(who)))
+            finally:
+                self._queued -= 1
             review = bounded(answer, rules, settings.max_risk, model.model)
         except Exception as exc:  # every failure leaves the request to a person
             error = getattr(exc, "code", "unavailable")
@@ -202,12 +218,16 @@ class AutoReview:
                settings: AutoReviewPolicy, scope: str, owners: tuple[str, ...]) -> None:
         actor = "auto-review:model"
         try:
+            # Released: only the requests like the one reviewed (a CONNECT, or a request with
+            # its method); a write that joined a read is decided afresh.
+            release = asked.method or "CONNECT"
             if review.outcome == "allow":
                 self.approvals.decide(approval_id, "allow", scope, actor,
-                                      detail=review.rationale)
+                                      detail=review.rationale, release=release,
+                                      connect_only=asked.method is None)
             elif review.outcome == "deny":
                 self.approvals.decide(approval_id, "deny", "once", actor,
-                                      detail=review.rationale)
+                                      detail=review.rationale, release=release)
                 self._denied(owners, asked.agent, settings)
             else:
                 self.approvals.annotate(approval_id, note(review, "escalated"))

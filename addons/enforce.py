@@ -184,12 +184,12 @@ class Enforcer:
 
     async def _ask(self, flow: http.HTTPFlow, held: Decision,
                    request: str = "") -> tuple[Decision, Verdict] | None:
-        """A person's verdict for a destination no rule covers (or, with ``request``, for a
-        request an ask request rule matched); None if the client left."""
+        """The verdict on a held destination (or ask request rule); None if the client left."""
         assert self.policy is not None
         settings = self.policy.settings
         agent = agent_of(flow)
-        verdict = self.approvals.session_verdict(held.host, held.port, request)
+        verdict = self.approvals.session_verdict(held.host, held.port, request,
+                                                 connect=flow.request.method == "CONNECT")
         look = FirstLook()
         if verdict is None and self.review is not None and not request and (
                 (held.host, held.port, "") not in self.approvals.pending):  # not joining one

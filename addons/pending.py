@@ -43,12 +43,14 @@ class Verdict:
     actor: str  # "uid:1000", "timeout", or "limit"
     approval_id: str | None = None
     detail: str = ""  # why, when no person decided
+    connect_only: bool = False  # a grant for tunnels (auto-review saw no method), not requests
 
 
 @dataclass(eq=False)
 class Waiter:
     client: connection.Client
     future: asyncio.Future[Verdict | None]
+    method: str = "CONNECT"  # what it asked: a model's verdict releases only its like
 
 
 @dataclass(eq=False)
@@ -90,6 +92,22 @@ class Pending:
             "request_rule": self.rule,
             "review": self.review,
         }
+
+
+def queue_full(pending: int, per_owner: Mapping[str, int], owners: Iterable[str],
+               max_pending: int, max_per_agent: int) -> Verdict | None:
+    """The refusal of one pending approval too many, in all or for one of its owners."""
+    full = [owner for owner in owners if per_owner.get(owner, 0) >= max_per_agent]
+    if pending >= max_pending:
+        why = (f"{pending} destinations already await a person's decision "
+               f"(approvals.max_pending = {max_pending})")
+    elif full:
+        why = (f"{full[0]} already has {per_owner[full[0]]} destinations awaiting a "
+               f"person's decision (approvals.max_pending_per_agent = {max_per_agent})")
+    else:
+        return None
+    return Verdict(Action.DENY, "queue_full", "limit", detail=(
+        f"not asked about: {why}; retry once those are decided (agent-egress pending)"))
 
 
 def check_decision(decision: str, scope: str, allowed_scopes: frozenset[str]) -> None:

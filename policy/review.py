@@ -126,8 +126,9 @@ class RulesReviewer:
         # A domain counts as allowed when a rule allows the domain itself (pypi.org,
         # **.example.com): allowing one service of a large organisation (developer.mozilla.org,
         # dl.google.com) vouches for that service, not for its paste site or its forms.
+        # (Not an in-label glob: `us-*.example.com` vouches for the names it matches only.)
         allowed = {key for layer in policy.layers for rule in layer.allow_rules
-                   if rule.pattern.kind not in (Kind.ANY, Kind.NETWORK)
+                   if rule.pattern.kind in (Kind.EXACT, Kind.SUBTREE, Kind.SUBTREE_AND_SELF)
                    and (key := rule.pattern.key) and registrable_domain(key) == key}
         ecosystem_rules = [
             Rule(parse_pattern(text), Action.ALLOW, f"preset {name!r}", index, "review")

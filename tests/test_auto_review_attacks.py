@@ -175,3 +175,68 @@ def test_max_risk_medium_without_a_model_does_not_approve_the_unknown(tmp_path, 
         assert "approval_timeout" in out and not reached(web80, "/leak")
     finally:
         proxy.stop()
+
+
+def test_a_write_joining_a_read_under_model_review_is_decided_afresh(tmp_path, web80, model,
+                                                                     client_env):
+    proxy = ProxyProcess(tmp_path / "p", review_policy(
+        ["join-notes.org"], auto_review=model_keys(model)).replace("timeout = 30",
+                                                                    "timeout = 6"))
+    try:
+        model.script = [("delayed", (1.5, ALLOW)), ("answer", ESCALATE)]
+        read = curl(client_env, proxy, "http://join-notes.org/read")
+        wait_pending(proxy, lambda p: p["host"] == "join-notes.org")
+        write = curl(client_env, proxy, "http://join-notes.org/upload", "-d", "s=hunter2")
+        read.communicate(timeout=30)
+        out, _ = write.communicate(timeout=30)
+        assert reached(web80, "/read") and not reached(web80, "/upload")
+        assert "approval_timeout" in out  # it went to a person, who did not answer
+        reviewed = [(e["reviewer"], e.get("method"), e["outcome"])
+                    for e in proxy.events("approval.reviewed")]
+        assert ("rules", "POST", "escalate") in reviewed  # the write had its own review
+    finally:
+        proxy.stop()
+
+
+def test_a_tunnel_to_port_80_does_not_carry_writes_past_review(tmp_path, web80, client_env):
+    proxy = ProxyProcess(tmp_path / "p", review_policy(["test.pypi.org"]).replace(
+        "timeout = 30", "timeout = 3"))
+    try:
+        # curl -p: CONNECT test.pypi.org:80, then the POST inside the tunnel.
+        out, _ = curl(client_env, proxy, "http://test.pypi.org/upload-tunnel", "-p", "-d",
+                      "s=1").communicate(timeout=30)
+        assert not reached(web80, "/upload-tunnel")
+        out, _ = curl(client_env, proxy, "http://test.pypi.org/upload-plain", "-d",
+                      "s=1").communicate(timeout=30)
+        assert "approval_timeout" in out and not reached(web80, "/upload-plain")
+        fetch(client_env, proxy, "http://test.pypi.org/read-plain")  # a read: reviewed, low
+        assert reached(web80, "/read-plain")
+    finally:
+        proxy.stop()
+
+
+def test_an_in_label_glob_vouches_only_for_what_it_matches(tmp_path, web80, client_env):
+    proxy = ProxyProcess(tmp_path / "p", review_policy(["paste.corp-cdn.com"]).replace(
+        'allow = ["pypi.org"]', 'allow = ["pypi.org", "us-*.corp-cdn.com"]').replace(
+        "timeout = 30", "timeout = 3"))
+    try:
+        assert "approval_timeout" in fetch(client_env, proxy, "http://paste.corp-cdn.com/leak")
+        assert not reached(web80, "/leak")
+    finally:
+        proxy.stop()
+
+
+def test_the_model_is_not_asked_about_approvals_that_expired_in_its_queue(tmp_path, web80,
+                                                                          model, client_env):
+    names = [f"q{n}-notes.org" for n in range(12)]
+    proxy = ProxyProcess(tmp_path / "p", review_policy(
+        names, auto_review=model_keys(model)).replace("timeout = 30", "timeout = 1"))
+    try:
+        model.script = [("delayed", (1.5, ESCALATE))]
+        held = [curl(client_env, proxy, f"http://{name}/x") for name in names]
+        for process in held:
+            process.communicate(timeout=30)
+        time.sleep(4)  # the first four answers come back; the queue behind them is dropped
+        assert len(model.received) == 4
+    finally:
+        proxy.stop()
