@@ -12,14 +12,16 @@ import json
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .auditlogs import Progress, read_lines
+from .auditlogs import Progress, open_log, read_lines
 from .triage_findings import Detectors, Finding, judge
 
 GAP = 30 * 60.0  # seconds without an event that end a session
+MAX_AGENTS = 20_000
+MIN_SAMPLE = 20  # tunnels an agent needs before its uploads have a norm
 _EVENTS = frozenset({"request.decided", "approval.decided", "approval.reviewed",
                      "tunnel.closed", "credential.used"})
 
@@ -94,9 +96,10 @@ class Triage:
     lines: int = 0
     events: int = 0
     malformed: int = 0
+    names_grouped: int = 0  # events of agent names past max_agents, grouped by client
+    max_agents: int = MAX_AGENTS
     sessions: dict[str, list[Session]] = field(default_factory=dict)
     uploads: dict[str, Counter[int]] = field(default_factory=dict)  # agent -> log2 histogram
-    tunnels_to: dict[str, Counter[str]] = field(default_factory=dict)  # agent -> host -> n
 
     def add_line(self, source: str, number: int, line: str) -> None:
         self.lines += 1
@@ -108,15 +111,24 @@ class Triage:
             name = event["event"]
             when = str(event["time"])
             moment = datetime.fromisoformat(when)
-        except (ValueError, KeyError, TypeError):
-            self.malformed += 1
+        except (ValueError, KeyError, TypeError, RecursionError):
+            self.malformed += 1  # not JSON, not an object, too deeply nested, no time
             return
-        if name not in _EVENTS:
+        if not isinstance(name, str) or name not in _EVENTS:
             return
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)  # the proxy writes UTC
         if self.since and moment < self.since or self.until and moment >= self.until:
             return
         agent = event.get("agent") or _client(event.get("client"))
-        if not agent or self.agent is not None and agent != self.agent:
+        if isinstance(agent, str) and agent not in self.sessions and (
+                len(self.sessions) >= self.max_agents):
+            # A new name per request must not grow memory without end: past max_agents,
+            # further names are grouped by their client.
+            self.names_grouped += 1
+            agent = _client(event.get("client")) or "client unknown"
+        if not isinstance(agent, str) or not agent or (
+                self.agent is not None and agent != self.agent):
             return
         self.events += 1
         at = moment.timestamp()
@@ -169,9 +181,7 @@ class Triage:
             spot.bytes_up += up
             down = event.get("bytes_down")
             spot.bytes_down += down if isinstance(down, int) else 0
-            agent = session.agent
-            self.uploads.setdefault(agent, Counter())[up.bit_length()] += 1
-            self.tunnels_to.setdefault(agent, Counter())[host] += 1
+            self.uploads.setdefault(session.agent, Counter())[up.bit_length()] += 1
             detectors.tunnel(host, port, up, when, where)
 
     def finish(self) -> list[Session]:
@@ -179,12 +189,13 @@ class Triage:
         done = []
         for agent, sessions in sorted(self.sessions.items()):
             norm = _typical_upload(self.uploads.get(agent, Counter()))
+            sessions_with = Counter(domain for session in sessions
+                                    for domain in session.detectors.uploaded_to())
             for session in sorted(sessions, key=lambda s: s.start):
                 if self.host is not None and not any(
                         host == self.host for host, _ in session.destinations):
                     continue
-                session.findings = session.detectors.findings(
-                    norm, self.tunnels_to.get(agent, Counter()))
+                session.findings = session.detectors.findings(norm, sessions_with)
                 session.verdict, session.rationale = judge(session)
                 done.append(session)
         return done
@@ -197,20 +208,38 @@ def _client(text: object) -> str | None:
 
 
 def _typical_upload(histogram: Counter[int]) -> int:
-    """The median upload of an agent's tunnels, to a power of two (from a log2 histogram:
-    memory stays a few counters whatever the number of tunnels)."""
+    """An agent's typical upload per tunnel: the lower quartile, to a power of two (from a
+    log2 histogram: a few counters whatever the number of tunnels). The lower quartile, so
+    that making many large uploads does not make a larger one look normal; 0 (the floor
+    decides) below MIN_SAMPLE tunnels, so a fresh agent name has no norm to hide in."""
     total = sum(histogram.values())
+    if total < MIN_SAMPLE:
+        return 0
     seen = 0
     for bits in sorted(histogram):
         seen += histogram[bits]
-        if seen * 2 >= total:
+        if seen * 4 >= total:
             return 1 << bits if bits else 0
     return 0
+
+
+def _first_time(path: Path) -> datetime:
+    """When a log starts (its first event's time), to read rotated logs oldest first."""
+    raw, lines = open_log(path)
+    with raw, lines:
+        for line in lines:
+            try:
+                moment = datetime.fromisoformat(str(json.loads(line)["time"]))
+            except (ValueError, KeyError, TypeError, RecursionError):
+                continue
+            return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return datetime.min.replace(tzinfo=UTC)
 
 
 def triage(paths: Iterable[Path], *, since: datetime | None = None,
            until: datetime | None = None, agent: str | None = None, host: str | None = None,
            progress: Progress | None = None) -> tuple[Triage, list[Session]]:
     result = Triage(since, until, agent, host)
-    read_lines(list(paths), result.add_line, progress, lambda: result.events)
+    ordered = sorted(paths, key=_first_time)  # sessions are built in time order
+    read_lines(ordered, result.add_line, progress, lambda: result.events)
     return result, result.finish()

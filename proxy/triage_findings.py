@@ -9,8 +9,8 @@ refusal is explained by DNS, a timeout or a policy gap; `expected` when nothing 
 
 from __future__ import annotations
 
-import heapq
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
@@ -26,7 +26,10 @@ from agent_egress.policy.review_signals import (
 EVIDENCE = 8  # lines cited per finding
 BURST_WINDOW, BURST_HOSTS = 60.0, 20  # distinct unknown hosts within a minute
 TUNNEL_NAMES = 3  # random-looking names under one domain
-UPLOAD_FLOOR, UPLOAD_FACTOR, RARE_HOST = 1 << 20, 20, 3
+# An upload stands out at 20 times the agent's typical one, from 1 MiB; and at 16 MiB
+# whatever the norm, which an agent could otherwise raise by uploading a lot elsewhere.
+UPLOAD_FLOOR, UPLOAD_FACTOR, UPLOAD_CEILING = 1 << 20, 20, 16 << 20
+RARE_HOST = 2  # other sessions of the agent uploading to a domain, at most, for it to be rare
 PERSON_DENIALS = 3
 BYPASS = frozenset({"sni_mismatch", "host_mismatch", "ip_literal", "private_address",
                     "invalid_host", "tunnel_protocol"})
@@ -101,33 +104,39 @@ class Detectors:
         self._in_window: Counter[str] = Counter()
         self._burst = 0
         self._shapes: dict[str, dict[str, Evidence]] = {}
-        self._uploads: list[tuple[int, str, str, Evidence]] = []  # the largest, a heap
+        self._uploads: dict[str, list[Any]] = {}  # domain -> [bytes, tunnels, largest, its size]
 
     def _finding(self, kind: str) -> Finding:
         return self.found.setdefault(kind, Finding(kind))
 
     def decided(self, event: dict[str, Any], decision: object, reason: str, at: float,
                 when: str, where: str) -> None:
+        host = str(event.get("host"))
+        if tunnel_shaped(host):
+            # Whatever the decision: an allowed wildcard's random names, or names that fail
+            # DNS, are lookups that reached a resolver all the same.
+            self._shaped(host, Evidence(where, when, f"{decision} {_where(event)}: {reason}"))
         if decision not in ("deny", "held"):
             return
-        host = str(event.get("host"))
         detail = str(event.get("detail") or "")[:160]
         evidence = Evidence(where, when, f"{decision} {_where(event)}: {reason}"
                                          + (f" ({detail})" if detail else ""))
-        if reason in BYPASS and not (reason == "tunnel_protocol" and "within" in detail):
+        if reason in BYPASS and not (reason == "tunnel_protocol"
+                                     and detail.startswith("no complete ")):  # merely slow
             self._finding("bypass_attempt").cite(evidence)
         if reason == "credential_misdirected":
             self._finding("credential_misdirected").cite(evidence)
         if decision == "deny" and reason not in NOT_ABOUT_THE_HOST:
             self._respelled(host, event.get("port"), evidence)
-        if reason in ("not_allowlisted", "needs_approval") or decision == "held":
-            self._unknown(host, at, evidence)
-            if tunnel_shaped(host):
-                names = self._shapes.setdefault(registrable_domain(host), {})
-                names.setdefault(host, evidence)
-                if len(names) >= TUNNEL_NAMES:
-                    finding = self._finding("dns_tunnel_shape")
-                    finding.count, finding.evidence = len(names), list(names.values())[:EVIDENCE]
+        self._unknown(host, at, evidence)
+
+    def _shaped(self, host: str, evidence: Evidence) -> None:
+        names = self._shapes.setdefault(registrable_domain(host), {})
+        if len(names) < 64:
+            names.setdefault(host, evidence)
+        if len(names) >= TUNNEL_NAMES:
+            finding = self._finding("dns_tunnel_shape")
+            finding.count, finding.evidence = len(names), list(names.values())[:EVIDENCE]
 
     def _respelled(self, host: str, port: Any, evidence: Evidence) -> None:
         key = spelling(host)
@@ -165,20 +174,32 @@ class Detectors:
                 where, when, f"denied {_where(event)} by {event.get('actor')}"))
 
     def tunnel(self, host: str, port: Any, up: int, when: str, where: str) -> None:
-        if up < UPLOAD_FLOOR:
+        """Bytes up, totalled per registered domain: an upload split into many tunnels, or
+        many names, is one upload."""
+        if not up:
             return
-        item = (up, host, when, Evidence(where, when, f"{up:,} bytes up to {host}:{port}"))
-        if len(self._uploads) < EVIDENCE * 4:
-            heapq.heappush(self._uploads, item)
-        elif up > self._uploads[0][0]:
-            heapq.heapreplace(self._uploads, item)
+        domain = registrable_domain(host)
+        total = self._uploads.get(domain)
+        largest = Evidence(where, when, f"{up:,} bytes up to {host}:{port}")
+        if total is None:
+            self._uploads[domain] = [up, 1, largest, up]
+            return
+        total[0] += up
+        total[1] += 1
+        if up > total[3]:
+            total[2], total[3] = largest, up
 
-    def findings(self, typical_upload: int, tunnels_to: Counter[str]) -> list[Finding]:
+    def uploaded_to(self) -> Iterable[str]:
+        return self._uploads.keys()
+
+    def findings(self, typical_upload: int, sessions_with: Counter[str]) -> list[Finding]:
         """The findings, once the agent's typical upload is known (from all its sessions)."""
-        big = max(UPLOAD_FLOOR, UPLOAD_FACTOR * typical_upload)
-        for up, host, _, evidence in sorted(self._uploads, reverse=True):
-            if up >= big and tunnels_to[host] <= RARE_HOST:
-                self._finding("upload_burst").cite(evidence)
+        big = min(max(UPLOAD_FLOOR, UPLOAD_FACTOR * typical_upload), UPLOAD_CEILING)
+        for domain, (up, tunnels, largest, _) in sorted(self._uploads.items()):
+            if up >= big and sessions_with[domain] - 1 <= RARE_HOST:
+                self._finding("upload_burst").cite(Evidence(
+                    largest.where, largest.time, f"{up:,} bytes up to {domain} in {tunnels} "
+                    f"tunnel{'s' * (tunnels != 1)} (the largest: {largest.text})"))
         denials = self.found.get("approval_denials")
         if denials is not None and denials.count < PERSON_DENIALS:
             del self.found["approval_denials"]
@@ -202,7 +223,7 @@ def _summary(finding: Finding, typical_upload: int) -> str:
         return f"{n} random-looking names under one domain (a DNS-tunnel shape)"
     if finding.kind == "upload_burst":
         return (f"{n} upload{'s' * (n != 1)} far above the agent's typical "
-                f"{typical_upload:,} bytes, to hosts it rarely reaches")
+                f"{typical_upload:,} bytes per tunnel, to domains it rarely uploads to")
     if finding.kind == "unknown_burst":
         return f"{n} distinct unknown hosts within {BURST_WINDOW:g} s"
     return f"{n} requests refused by a person"
@@ -225,7 +246,11 @@ def judge(session: Judged) -> tuple[str, str]:
     if session.findings:
         return "escalate", (f"Escalate: {'; '.join(f.summary for f in session.findings)}. "
                             f"{scale}; the evidence lines are cited below.")
-    refusals = session.refusals
+    refusals = Counter(session.refusals)
+    undecided = sum(d.held for d in session.destinations.values() if not d.allowed
+                    and not d.refused)
+    if undecided:
+        refusals["held, never decided"] = undecided
     if not refusals:
         approved = sum(sum((d.approved_by or {}).values())
                        for d in session.destinations.values())
@@ -236,6 +261,8 @@ def judge(session: Judged) -> tuple[str, str]:
         parts.append(f"{dns} DNS failure{'s' * (dns != 1)}")
     if timeouts := sum(refusals[r] for r in TIMEOUTS):
         parts.append(f"{timeouts} timeout{'s' * (timeouts != 1)}")
+    if undecided:
+        parts.append(f"{undecided} held request{'s' * (undecided != 1)} nobody decided")
     gaps = sorted({d.host for d in session.destinations.values()
                    if set(d.refused or ()) - DNS - TIMEOUTS})
     if gaps:

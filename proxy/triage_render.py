@@ -24,7 +24,9 @@ def headline(triage: Triage, sessions: list[Session]) -> str:
     return (f"{counted(len(sessions), 'session')} of {counted(agents, 'agent')} from "
             f"{counted(triage.events, 'event')}: {escalate} to escalate"
             + (f" ({counted(triage.malformed, 'malformed line')} skipped)"
-               if triage.malformed else ""))
+               if triage.malformed else "")
+            + (f"; {counted(triage.names_grouped, 'event')} of agent names beyond the first "
+               f"{triage.max_agents:,} grouped by client" if triage.names_grouped else ""))
 
 
 def _refused(spot: dict[str, Any]) -> str:

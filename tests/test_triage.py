@@ -119,7 +119,8 @@ def test_dns_tunnel_names_bursts_bypasses_and_person_denials(tmp_path):
     bypass.decided("allowed.example.com", "deny", "sni_mismatch", sni="evil.example")
     bypass.decided("203.0.113.9", "deny", "ip_literal")
     bypass.decided("allowed.example.com", "deny", "tunnel_protocol",
-                   detail="nothing complete within 30 s")  # slow, not evasive
+                   detail="no complete TLS ClientHello or HTTP request in the tunnel within "
+                          "30 s (network.header_timeout)")  # slow, not evasive
     pushy = stories.Story("pushy")
     for n in range(3):
         pushy.event("approval.decided", host=f"x{n}.example.net", port=443, decision="deny",

@@ -25,7 +25,7 @@ class Story:
         return self
 
     def event(self, name: str, mark: str | None = None, **fields: object) -> dict:
-        event = {"time": self.now.isoformat().replace("+00:00", "Z"), "event": name,
+        event = {"time": self.now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "event": name,
                  "schema": 1, "client": "127.0.0.1:40000", "agent": self.agent, **fields}
         self.events.append(event)
         if mark:
