@@ -136,3 +136,15 @@ def proxy(tls_origin: CountingServer, plain_origin: CountingServer,
                            policy_text(tls_origin.port, plain_origin.port))
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="module")
+def web80(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CountingServer]:
+    """A plain-HTTP origin on port 80 of a loopback address of this run (auto-review scores
+    web ports, so its tests need one; root only). One per test module: what reached it is
+    that module's."""
+    from reviewing import start_web80
+
+    server = start_web80(tmp_path_factory.mktemp("web80"))
+    yield server
+    server.stop()

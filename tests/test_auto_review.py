@@ -14,19 +14,12 @@ from holding import wait_pending
 from origins import CountingServer
 from otlp import HttpReceiver
 from proxyproc import ProxyProcess
-from reviewing import ORIGIN_ADDRESS, WatchTerminal, curl, fetch, review_policy, start_web80
+from reviewing import ORIGIN_ADDRESS, WatchTerminal, curl, fetch, review_policy
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen on port 80")
 
 NAMES = ["test.pypi.org", "docs.rs", "webhook.site", "transfer.sh", "pastebin.com",
          "a8f3k2m9q7x1b5z.example.com"]
-
-
-@pytest.fixture(scope="module")
-def web80(tmp_path_factory):
-    server = start_web80(tmp_path_factory.mktemp("web80"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

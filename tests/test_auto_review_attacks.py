@@ -13,19 +13,12 @@ import pytest
 from holding import wait_pending
 from modelserver import ALLOW, ModelServer
 from proxyproc import ProxyProcess
-from reviewing import ORIGIN_ADDRESS, curl, fetch, review_policy, start_web80
+from reviewing import ORIGIN_ADDRESS, curl, fetch, review_policy
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen on port 80")
 
 ESCALATE = {"risk_level": "medium", "outcome": "escalate", "rationale": "unsure"}
 DENY = {"risk_level": "high", "outcome": "deny", "rationale": "no"}
-
-
-@pytest.fixture(scope="module")
-def web80(tmp_path_factory):
-    server = start_web80(tmp_path_factory.mktemp("web80"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture
