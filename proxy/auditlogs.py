@@ -78,6 +78,16 @@ def expand_logs(paths: Iterable[str]) -> Iterator[Path]:
             yield path
 
 
+def chosen_logs(logs: list[str], default: Path) -> list[Path]:
+    """The logs a command reads (the default one when none is named); ValueError names
+    the ones that do not exist."""
+    paths = list(expand_logs(logs or [str(default)]))
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing or not paths:
+        raise ValueError(f"no such audit log: {', '.join(missing) or logs}")
+    return paths
+
+
 def read_lines(paths: Iterable[Path], line: Callable[[str, int, str], None],
                progress: Progress | None = None,
                events: Callable[[], int] = lambda: 0) -> None:

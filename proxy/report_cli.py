@@ -53,14 +53,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         since = auditlogs.parse_when(args.since) if args.since else None
         until = auditlogs.parse_when(args.until) if args.until else None
+        paths = auditlogs.chosen_logs(args.logs, default_audit_log_path())
     except ValueError as exc:
         print(f"agent-egress report: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    paths = list(auditlogs.expand_logs(args.logs or [str(default_audit_log_path())]))
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing or not paths:
-        print(f"agent-egress report: no such audit log: {', '.join(missing) or args.logs}",
-              file=sys.stderr)
         return EXIT_USAGE
     total = sum(p.stat().st_size for p in paths)
     decision = "all" if args.suggest else args.decision or "deny"

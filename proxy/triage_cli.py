@@ -13,7 +13,7 @@ from agent_egress.policy import PolicyError, load_policy
 from agent_egress.policy.review_prompt import DATA_CLOSE, DATA_OPEN, data_message
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-from .auditlogs import Progress, expand_logs, parse_when
+from .auditlogs import Progress, chosen_logs, parse_when
 from .paths import managed_policy_file, user_policy_file
 from .textsafe import printable, printable_lines
 
@@ -79,12 +79,9 @@ def cmd_triage(args: argparse.Namespace) -> int:
     try:
         since = parse_when(args.since) if args.since else None
         until = parse_when(args.until) if args.until else None
+        paths = chosen_logs(args.logs, default_audit_log_path())
     except ValueError as exc:
         return _fail(exc)
-    paths = list(expand_logs(args.logs or [str(default_audit_log_path())]))
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing or not paths:
-        return _fail(f"no such audit log: {', '.join(missing) or args.logs}")
     model = None
     if args.model:
         try:
