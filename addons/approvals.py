@@ -31,7 +31,7 @@ from mitmproxy import http
 
 from . import connections
 from .auditlog import AuditLog
-from .events import client_text, logged_path
+from .events import client_text, logged_path, request_scheme
 from .pending import (
     ApprovalError,
     Pending,
@@ -145,7 +145,7 @@ class Approvals:
         if pending is None:
             pending = Pending(
                 id=secrets.token_hex(4), host=decision.host, port=decision.port,
-                scheme="connect" if is_connect else request.scheme,
+                scheme=request_scheme(flow),
                 method=None if is_connect else request.method,
                 path=None if is_connect else logged_path(request.path),
                 client=client_text(flow.client_conn) or "", agent=agent,

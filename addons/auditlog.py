@@ -94,7 +94,7 @@ class AuditLog:
 
     def running(self) -> None:
         self.emit("proxy.started", version=version("agent-egress"),
-                  listen=listen_addresses(),
+                  listen=listen_addresses(), socks=listen_addresses(socks=True) or None,
                   policy=ctx.options.policy_file or "built-in default policy")
 
     def done(self) -> None:

@@ -24,14 +24,40 @@ def address_text(peer: tuple[Any, ...] | None) -> str | None:
 
 
 def listen_ports() -> set[int]:
-    """The ports this proxy listens on."""
+    """The ports this proxy listens on (the SOCKS5 one too)."""
     return {address[1] for address in ctx.master.addons.get("proxyserver").listen_addrs()}
 
 
-def listen_addresses() -> list[str]:
-    """Where this proxy listens, as `ip:port` (`[ip]:port` for IPv6)."""
-    return [address_text(address) or "" for address in
-            ctx.master.addons.get("proxyserver").listen_addrs()]
+def listen_addresses(socks: bool = False) -> list[str]:
+    """Where this proxy's HTTP port (or, with socks, its SOCKS5 port) listens, as `ip:port`
+    (`[ip]:port` for IPv6)."""
+    spec = socks_mode_spec()
+    return [address_text(address) or "" for server in ctx.master.addons.get("proxyserver").servers
+            if (server.mode.full_spec == spec) == socks for address in server.listen_addrs]
+
+
+def socks_mode_spec(listen: str | None = None) -> str | None:
+    """The mitmproxy mode of the SOCKS5 port (`serve --socks-listen HOST:PORT`), or None.
+
+    The port is a regular proxy to mitmproxy: the SOCKS5 side is this proxy's own layer
+    (addons/socks.py), chosen for the connections that arrive there."""
+    if listen is None:  # the option, where the SOCKS port's addon declared it
+        listen = getattr(getattr(ctx, "options", None), "socks_listen", "")
+    if not listen:
+        return None
+    host, _, port = listen.rpartition(":")
+    return f"regular@{host.strip('[]')}:{port}"
+
+
+def is_socks(client: connection.Client) -> bool:
+    """Whether the client connected to the SOCKS5 port."""
+    spec = socks_mode_spec()
+    return spec is not None and client.proxy_mode.full_spec == spec
+
+
+def tunnel_scheme(client: connection.Client) -> str:
+    """How a tunnel was asked for, as events name it: `socks5` or `connect`."""
+    return "socks5" if is_socks(client) else "connect"
 
 
 def client_text(client: connection.Client) -> str | None:

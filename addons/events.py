@@ -9,11 +9,11 @@ from agent_egress.policy import Decision
 from agent_egress.policy.paths import display_path
 from mitmproxy import http
 
-from .connections import address_text, client_text
+from .connections import address_text, client_text, tunnel_scheme
 from .identity import agent_claimed, agent_of
 
 __all__ = ["address_text", "client_text", "decision_fields", "interception_fields", "logged_path",
-           "request_fields"]
+           "request_fields", "request_scheme", "tunnel_scheme"]
 
 
 def decision_fields(decision: Decision) -> dict[str, Any]:
@@ -35,13 +35,20 @@ def request_fields(flow: http.HTTPFlow) -> dict[str, Any]:
     connect = request.method == "CONNECT"
     return {
         "client": client_text(flow.client_conn),
-        "scheme": "connect" if connect else request.scheme,
+        "scheme": request_scheme(flow),
         "method": None if connect else request.method,
         "path": None if connect else logged_path(request.path),
         "websocket": True if request.headers.get("upgrade", "").lower() == "websocket" else None,
         "agent": agent_of(flow),
         "agent_claimed": agent_claimed(flow),
     }
+
+
+def request_scheme(flow: http.HTTPFlow) -> str:
+    """`connect` or `socks5` for a tunnel, else the request's scheme."""
+    if flow.request.method == "CONNECT":
+        return tunnel_scheme(flow.client_conn)
+    return flow.request.scheme
 
 
 def logged_path(target: str) -> str:

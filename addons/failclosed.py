@@ -12,7 +12,7 @@ from mitmproxy import http
 
 from .auditlog import AuditLog
 from .enforce import DECIDED
-from .events import client_text
+from .events import client_text, request_scheme
 from .refusals import blocked_response
 
 
@@ -33,7 +33,7 @@ class FailClosed:
         decision = Decision(Action.DENY, Reason.INTERNAL_ERROR, request.pretty_host,
                             request.port, detail="no policy decision was made for this request")
         self.audit.emit("request.decided", client=client_text(flow.client_conn),
-                        scheme="connect" if request.method == "CONNECT" else request.scheme,
+                        scheme=request_scheme(flow),
                         host=decision.host, port=decision.port, decision="deny",
                         reason=decision.reason.value, detail=decision.detail)
         flow.response = blocked_response(decision)

@@ -18,7 +18,7 @@ from agent_egress.policy.model import AGENT_NAME, AGENT_NAME_RULE
 from mitmproxy import connection, http
 
 from .auditlog import AuditLog
-from .connections import client_text
+from .connections import client_text, tunnel_scheme
 
 logger = logging.getLogger(__name__)
 METADATA_KEY = "agent_egress_agent"
@@ -108,7 +108,8 @@ class AgentIdentity:
         detail = (f"agent names use {AGENT_NAME_RULE}" if reason is Reason.INVALID_AGENT
                   else "internal error while naming the agent; the request was refused")
         self.audit.emit("request.decided", client=client_text(flow.client_conn),
-                        scheme="connect" if request.method == "CONNECT" else request.scheme,
+                        scheme=(tunnel_scheme(flow.client_conn) if request.method == "CONNECT"
+                                else request.scheme),
                         host=request.pretty_host[:300], port=request.port, decision="deny",
                         reason=reason.value, agent_claimed=claimed[:128] or None, detail=detail)
         flow.response = invalid_agent_response(claimed) if reason is Reason.INVALID_AGENT else (

@@ -51,8 +51,9 @@ class ClientLimits:
         if self._open[key] > limit:
             detail = (f"{key} has {limit} connections open to this proxy already "
                       "(network.max_connections_per_client)")
-            connections.write(client, plain_response(
-                429, f"agent-egress refused this connection: {detail}.\n"))
+            if not connections.is_socks(client):  # SOCKS5 has no words for it: closed
+                connections.write(client, plain_response(
+                    429, f"agent-egress refused this connection: {detail}.\n"))
             client.error = f"agent-egress: {detail}"  # mitmproxy closes it
             self.audit.emit("connection.refused", client=client_text(client),
                             reason=Reason.TOO_MANY_CONNECTIONS.value, detail=detail)
@@ -99,11 +100,12 @@ class ClientLimits:
         deadline = self._deadlines.pop(client.id, None)
         if deadline is None:
             return
+        what = "SOCKS5 request" if connections.is_socks(client) else "request head"
         self.audit.emit("connection.refused", client=client_text(client),
                         reason=Reason.HEADER_TIMEOUT.value,
-                        detail=f"no complete request head within {timeout:g} s "
+                        detail=f"no complete {what} within {timeout:g} s "
                                "(network.header_timeout)")
-        if deadline.first_request:
+        if deadline.first_request and not connections.is_socks(client):
             connections.write(client, plain_response(
                 408, f"agent-egress closed this connection: no complete request head "
                      f"within {timeout:g} s.\n"))

@@ -35,7 +35,7 @@ from mitmproxy.proxy.layers.http._http1 import Http1Server
 from mitmproxy.proxy.layers.http._http2 import Http2Server
 
 from .auditlog import AuditLog
-from .connections import listen_ports
+from .connections import is_socks, listen_ports
 from .events import client_text
 from .relay import CloseClient
 from .tunnels import is_tunnel_stack
@@ -184,6 +184,8 @@ class ProxyPort:
         context = nextlayer.context
         if is_tunnel_stack(context):
             return  # the tunnel's first bytes are Tunnels' to judge
+        if is_socks(context.client):
+            return  # the SOCKS5 port: SocksPort's
         if not _is_proxy_port_stack(context):
             self.refused(context.client, Reason.INTERNAL_ERROR,
                          f"unexpected protocol layer stack {context.layers!r}")

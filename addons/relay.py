@@ -25,6 +25,7 @@ class Tunnel:
     host: str
     port: int
     agent: str | None = None
+    scheme: str = "connect"  # or socks5: how the tunnel was asked for
     opened: float = field(default_factory=time.monotonic)
     bytes_up: int = 0
     bytes_down: int = 0

@@ -114,6 +114,7 @@ class PolicyReload:
         policy = self.enforcer.policy
         return {
             "listen": listen_addresses(),
+            "socks": listen_addresses(socks=True),
             "policy": ctx.options.policy_file or "built-in default policy",
             "managed": ctx.options.managed_policy_file or None,
             "mode": policy.settings.mode if policy else None,

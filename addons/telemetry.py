@@ -55,6 +55,8 @@ def otel_attributes(fields: dict[str, Any]) -> dict[str, Any]:
         attributes[name] = value
     if fields.get("scheme") in ("http", "https", "connect"):
         attributes["network.protocol.name"] = "http"
+    elif fields.get("scheme") == "socks5":
+        attributes["network.protocol.name"] = "socks"
     return attributes
 
 

@@ -30,19 +30,22 @@ from mitmproxy.proxy.layers.http import HttpStream
 
 from . import connections
 from .auditlog import AuditLog
-from .events import client_text, decision_fields
+from .events import client_text, decision_fields, tunnel_scheme
 from .identity import agent_of
 from .intercept import Interception
 from .pinning import UpstreamPinning
 from .relay import CloseClient, CountingPassthrough, Tunnel
 from .sniff import HelloRetryWatch, Sniffed, sniff
+from .socks import is_socks_stack
 
 
 def is_tunnel_stack(context: Any) -> bool:
-    """The layer stack of an HTTP proxy's CONNECT tunnel, as mitmproxy builds it."""
+    """The layer stack of a tunnel: an HTTP proxy's CONNECT, as mitmproxy builds it, or a
+    SOCKS5 CONNECT (addons/socks.py)."""
     stack = context.layers
     return (len(stack) == 3 and isinstance(stack[0], modes.HttpProxy)
-            and isinstance(stack[1], layers.HttpLayer) and isinstance(stack[2], HttpStream))
+            and isinstance(stack[1], layers.HttpLayer)
+            and isinstance(stack[2], HttpStream)) or is_socks_stack(context)
 
 
 class Tunnels:
@@ -69,6 +72,7 @@ class Tunnels:
             tunnel = Tunnel(flow.client_conn.peername, marked.host, marked.port, agent_of(flow))
         else:
             return  # no decision pinned this tunnel: next_layer will close it
+        tunnel.scheme = tunnel_scheme(flow.client_conn)
         tunnel.intercepted = marked is not None
         self._tunnels[flow.client_conn.id] = tunnel
         policy = self.policy()
@@ -104,7 +108,8 @@ class Tunnels:
             # Bytes in a tunnel no policy decision pinned: never relayed (fail closed).
             self._replace(nextlayer, CloseClient(nextlayer.context))
             self.audit.emit("request.decided", client=client_text(nextlayer.context.client),
-                            scheme="connect", decision="deny", reason=Reason.INTERNAL_ERROR,
+                            scheme=tunnel_scheme(nextlayer.context.client), decision="deny",
+                            reason=Reason.INTERNAL_ERROR,
                             detail="tunnel without a pinned policy decision")
             return
         sniffed = sniff(nextlayer.data_client())
@@ -176,7 +181,8 @@ class Tunnels:
                 return self._decision(
                     tunnel, Reason.TUNNEL_PROTOCOL,
                     f"the tunnel to {tunnel.host}:{tunnel.port} carries neither TLS nor HTTP/1; "
-                    "raw TCP is allowed only to destinations listed in network.raw_tcp")
+                    "raw TCP is allowed only where an allow rule names the port "
+                    f"({tunnel.host}:{tunnel.port}) or network.raw_tcp lists the destination")
         return None
 
     @staticmethod
@@ -223,7 +229,7 @@ class Tunnels:
     def _log_refusal(self, tunnel: Tunnel, decision: Decision, sni: str | None,
                      audit_mode: bool = False) -> None:
         extra = {"mode": "audit", "enforced": False} if audit_mode else {}
-        self.audit.emit("request.decided", client=tunnel.client, scheme="connect", sni=sni,
+        self.audit.emit("request.decided", client=tunnel.client, scheme=tunnel.scheme, sni=sni,
                         agent=tunnel.agent, **decision_fields(decision), **extra)
 
     @property
@@ -237,8 +243,8 @@ class Tunnels:
         if tunnel.deadline is not None:
             tunnel.deadline.cancel()
         self.audit.emit(
-            "tunnel.closed", client=tunnel.client, agent=tunnel.agent, host=tunnel.host,
-            port=tunnel.port,
+            "tunnel.closed", client=tunnel.client, agent=tunnel.agent, scheme=tunnel.scheme,
+            host=tunnel.host, port=tunnel.port,
             protocol=tunnel.protocol, ech=tunnel.ech or None,
             intercepted=tunnel.intercepted or None,  # its requests have their own events
             bytes_up=None if tunnel.intercepted else tunnel.bytes_up,

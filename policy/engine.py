@@ -541,7 +541,8 @@ class CompiledPolicy:
         return verdicts
 
     def raw_tcp_rule(self, host: str, port: int) -> Rule | None:
-        """The `network.raw_tcp` rule that lets a tunnel to this destination carry raw TCP.
+        """The rule that lets a tunnel to this destination carry raw TCP: the allow rule, when
+        it names the port (`github.com:22`), else a `network.raw_tcp` rule.
 
         Only consulted for a tunnel the domain rules already allowed: it never widens them.
         """
@@ -549,6 +550,10 @@ class CompiledPolicy:
             normal = normalize_host(host)
         except InvalidHost:
             return None
+        decided = self.decide(host, port)
+        if (decided.action is Action.ALLOW and decided.rule is not None
+                and decided.rule.pattern.port == port):
+            return decided.rule
         for layer in self._allow_layers:
             index = layer.raw_tcp
             rule = (index.match_ip(normal.ip, port) if normal.ip is not None

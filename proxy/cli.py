@@ -13,6 +13,7 @@ from agent_egress.policy import PolicyError
 from . import (
     approval_cli,
     ca_cli,
+    connect_cli,
     credentials_cli,
     launch,
     policy_cli,
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     approval_cli.add_parsers(commands)
     launch.add_parsers(commands)
     run.add_parsers(commands)
+    connect_cli.add_parsers(commands)
     report_cli.add_parsers(commands)
     triage_cli.add_parsers(commands)
     policy_cli.add_parsers(commands)

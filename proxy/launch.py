@@ -19,6 +19,7 @@ from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
 from .ca import CAError, LocalCA, data_dir
 from .ca_cli import add_ca_dir_option, local_ca
+from .connect_cli import ssh_environment
 from .paths import managed_policy_file, user_policy_file
 from .textsafe import printable
 from .trust import ca_environment, write_trust
@@ -26,11 +27,13 @@ from .trust import ca_environment, write_trust
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
-def proxy_environment(url: str) -> dict[str, str]:
-    """The variables an agent process needs (no NO_PROXY exceptions: everything goes through)."""
+def proxy_environment(url: str, socks_url: str | None = None) -> dict[str, str]:
+    """The variables an agent process needs (no NO_PROXY exceptions: everything goes through).
+    ALL_PROXY is the SOCKS5 port where there is one (curl, git and others use it for what is
+    not HTTP), else the HTTP proxy."""
     env = {}
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        env[name] = env[name.lower()] = url
+        env[name] = env[name.lower()] = socks_url if socks_url and name == "ALL_PROXY" else url
     env["NO_PROXY"] = env["no_proxy"] = ""
     return env
 
@@ -76,26 +79,32 @@ def format_environment(env: dict[str, str], shell: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def running_proxy(socket_path: Path) -> tuple[str | None, dict[str, str]]:
-    """The running proxy's URL and the credentials' placeholders it gives agents."""
+def running_proxy(socket_path: Path) -> tuple[str | None, str | None, dict[str, str]]:
+    """The running proxy's URL, its SOCKS5 URL (if it has that port) and the credentials'
+    placeholders it gives agents."""
     try:
         with ApprovalClient(socket_path, timeout=3) as client:
             status = client.request("status")["status"]
     except (ApprovalClientError, OSError, ValueError, KeyError):
-        return None, {}
-    listen = status.get("listen") or []
+        return None, None, {}
+    listen, socks = status.get("listen") or [], status.get("socks") or []
     placeholders = status.get("agent_environment") or {}
-    return (f"http://{listen[0]}" if listen else None), {
-        str(name): str(value) for name, value in placeholders.items()}
+    return (f"http://{listen[0]}" if listen else None,
+            f"socks5h://{socks[0]}" if socks else None,
+            {str(name): str(value) for name, value in placeholders.items()})
 
 
 def cmd_env(args: argparse.Namespace) -> int:
     try:
-        running, placeholders = running_proxy(find_socket(args.approval_socket))
+        running, socks, placeholders = running_proxy(find_socket(args.approval_socket))
     except ApprovalClientError:
-        running, placeholders = None, {}
+        running, socks, placeholders = None, None, {}
     url = args.proxy or running or DEFAULT_URL
-    env = {**placeholders, **proxy_environment(with_agent(url, args.agent_id))}
+    socks = None if args.proxy else socks  # --proxy names the proxy: its port, not another's
+    env = {**placeholders, **proxy_environment(with_agent(url, args.agent_id),
+                                               with_agent(socks, args.agent_id) if socks else None)}
+    if socks:
+        env.update(ssh_environment(os.environ))  # git over SSH through `connect`
     try:
         if args.ca_file:
             env.update(ca_environment(Path(args.ca_file), Path(args.ca_file)))
@@ -138,6 +147,8 @@ def cmd_health(args: argparse.Namespace) -> int:
         return 1
     failure = status.get("last_reload_failure")
     listen = printable(", ".join(status.get("listen") or []))
+    if socks := status.get("socks"):
+        listen += f" (SOCKS5 on {printable(', '.join(socks))})"
     print(f"ok: listening on {listen}; policy {printable(status['policy'])}"
           f"; mode {printable(status['mode'])}; {pending} pending approvals"
           + ("; LAST RELOAD FAILED (previous policy in force)" if failure else ""))

@@ -23,6 +23,7 @@ from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
 from .ca import CAError
 from .ca_cli import add_ca_dir_option, local_ca
+from .connect_cli import ssh_environment
 from .launch import (
     chosen_policy,
     proxy_environment,
@@ -41,7 +42,9 @@ def add_parsers(commands: Any) -> None:
                     "on a free port with this run's policy and its own approval socket "
                     "(watch and pending find it), stopped when COMMAND exits. With --join, "
                     "through the proxy already running instead, if it enforces the same policy "
-                    "files. Exits with COMMAND's status.")
+                    "files. ALL_PROXY points at the proxy's SOCKS5 port, and GIT_SSH_COMMAND "
+                    "(unless set) makes ssh reach hosts through it ('agent-egress connect'). "
+                    "Exits with COMMAND's status.")
     run.add_argument("--agent-id", metavar="ID", help="the agent's name on every event")
     run.add_argument("--agent-user", metavar="USER",
                      help="run COMMAND as this user (needs root): the approval socket refuses "
@@ -65,6 +68,7 @@ def add_parsers(commands: Any) -> None:
 
 
 _LISTENING = re.compile(r"listening on (\S+)")
+_SOCKS = re.compile(r"SOCKS5 listening on (\S+)")
 _PLACEHOLDER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)")
 
 
@@ -104,9 +108,10 @@ class AgentUser:
 
 
 def _start_proxy(args: argparse.Namespace, socket_path: Path, agent: AgentUser | None,
-                 placeholders: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+                 placeholders: dict[str, str]) -> tuple[subprocess.Popen[str], str, str | None]:
+    host = args.listen.rpartition(":")[0] or "127.0.0.1"
     command = [sys.executable, "-m", "agent_egress.proxy", "serve", "--listen", args.listen,
-               "--approval-socket", str(socket_path)]
+               "--socks-listen", f"{host}:0", "--approval-socket", str(socket_path)]
     for option, value in (("--config", args.config), ("--managed", args.managed),
                           ("--audit-log", args.audit_log),
                           ("--agent-uid", agent.uid if agent else None),
@@ -118,12 +123,14 @@ def _start_proxy(args: argparse.Namespace, socket_path: Path, agent: AgentUser |
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=sys.stderr, text=True,
                                stdin=subprocess.DEVNULL)
     assert process.stdout is not None
-    address, block = None, False
+    address, socks, block = None, None, False
     for line in process.stdout:
         if block and (variable := _PLACEHOLDER.fullmatch(line.strip())):
             placeholders[variable.group(1)] = variable.group(2)  # a stand-in, not a secret
         sys.stderr.write(f"[agent-egress] {line}")
-        if match := _LISTENING.search(line):
+        if match := _SOCKS.match(line):
+            socks = match.group(1)
+        elif match := _LISTENING.search(line):
             address = match.group(1)
         block = block or line.startswith("Set these in the agent's environment:")
         if line.strip().startswith("http_proxy="):
@@ -134,7 +141,7 @@ def _start_proxy(args: argparse.Namespace, socket_path: Path, agent: AgentUser |
     stdout = process.stdout
     threading.Thread(target=lambda: [sys.stderr.write(f"[agent-egress] {line}")
                                      for line in stdout], daemon=True).start()
-    return process, f"http://{address}"
+    return process, f"http://{address}", f"socks5h://{socks}" if socks else None
 
 
 def _same_file(a: str | None, b: str | None) -> bool:
@@ -143,8 +150,9 @@ def _same_file(a: str | None, b: str | None) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _join(args: argparse.Namespace, placeholders: dict[str, str]) -> str:
-    """The URL of the running proxy to join, if it enforces the policy files run would use."""
+def _join(args: argparse.Namespace, placeholders: dict[str, str]) -> tuple[str, str | None]:
+    """The URLs (HTTP, SOCKS5) of the running proxy to join, if it enforces the policy files
+    run would use."""
     socket_path = find_socket(args.approval_socket)
     try:
         with ApprovalClient(socket_path, timeout=5) as client:
@@ -167,7 +175,8 @@ def _join(args: argparse.Namespace, placeholders: dict[str, str]) -> str:
     placeholders.update(status.get("agent_environment") or {})
     print(f"agent-egress run: joining the proxy at http://{printable(listen[0])} "
           f"(approvals: {printable(status.get('approval_separation', ''))})", file=sys.stderr)
-    return f"http://{listen[0]}"
+    socks = status.get("socks") or []
+    return f"http://{listen[0]}", f"socks5h://{socks[0]}" if socks else None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -183,14 +192,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         agent = AgentUser.named(args.agent_user) if args.agent_user else None
         if args.join:
-            url = _join(args, placeholders)
+            url, socks = _join(args, placeholders)
         else:
-            started, url = _start_proxy(args, args.approval_socket or run_socket_path(), agent,
-                                        placeholders)
+            started, url, socks = _start_proxy(
+                args, args.approval_socket or run_socket_path(), agent, placeholders)
     except RunError as exc:
         print(f"agent-egress run: {exc}", file=sys.stderr)
         return 2
-    env = {**os.environ, **placeholders, **proxy_environment(with_agent(url, args.agent_id))}
+    env = {**os.environ, **placeholders, **proxy_environment(
+        with_agent(url, args.agent_id), with_agent(socks, args.agent_id) if socks else None)}
+    if socks:
+        env.update(ssh_environment(os.environ))  # ssh (git over SSH) through `connect`
     trust_dir = None
     try:
         policy = chosen_policy(args.config, args.managed)  # the files the proxy enforces

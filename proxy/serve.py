@@ -25,6 +25,7 @@ from agent_egress.addons.overrides import FormOverrides
 from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.proxyport import ProxyPort
 from agent_egress.addons.reload import PolicyReload
+from agent_egress.addons.socks import SocksPort
 from agent_egress.addons.tunnels import Tunnels
 from agent_egress.policy import BUILTIN, CompiledPolicy
 from agent_egress.policy.engine import AutoReviewPolicy
@@ -40,10 +41,11 @@ if TYPE_CHECKING:
     from .telemetry import Telemetry
 
 
-def proxy_env_lines(url: str) -> list[str]:
+def proxy_env_lines(url: str, socks_url: str | None = None) -> list[str]:
     """Both cases: curl and others ignore upper-case HTTP_PROXY (a CGI safety rule), so
     without http_proxy plain HTTP would leave without the proxy. http_proxy comes last."""
-    return ["NO_PROXY=", "no_proxy=",
+    socks = [f"ALL_PROXY={socks_url}", f"all_proxy={socks_url}"] if socks_url else []
+    return ["NO_PROXY=", "no_proxy=", *socks,
             *(f"{name}={url}" for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy",
                                            "http_proxy"))]
 
@@ -59,11 +61,14 @@ class Announce:
     def running(self) -> None:
         address = listen_addresses()[0]
         url = f"http://{address}"
+        socks = listen_addresses(socks=True)
         policy = ctx.options.policy_file or "built-in default policy"
         if ctx.options.managed_policy_file:
             policy += f" under managed policy {ctx.options.managed_policy_file}"
         audit_log = ctx.options.audit_log or str(default_audit_log_path())
         print(f"agent-egress {version('agent-egress')} listening on {address}", flush=True)
+        if socks:
+            print(f"SOCKS5 listening on {socks[0]}", flush=True)
         print(f"policy: {policy}\naudit log: {audit_log}", flush=True)
         print(f"approval socket: {printable(self.socket_path)} (agent-egress watch)", flush=True)
         status = self.status()
@@ -75,7 +80,7 @@ class Announce:
         # stand-ins the proxy swaps for them.
         for name, placeholder in status.get("agent_environment", {}).items():
             print(f"  {name}={placeholder}", flush=True)
-        for line in proxy_env_lines(url):
+        for line in proxy_env_lines(url, f"socks5h://{socks[0]}" if socks else None):
             print(f"  {line}", flush=True)
         # Said once: every addon in the chain is visited on every hook of every connection,
         # so this one leaves it (after the chain has finished calling `running`).
@@ -112,7 +117,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
           approver_uids: Iterable[int] = (), telemetry: Telemetry | None = None,
           agent_uid: int | None = None, managed_owners: Iterable[int] = (),
           extra: dict[str, Any] | None = None, ca_directory: Path | None = None,
-          explain_https: bool = False) -> int:
+          explain_https: bool = False, socks_listen: str = "") -> int:
     local_ca = LazyCA(ca_directory)
 
     async def main() -> int:
@@ -168,7 +173,8 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         # credential placeholder is refused before any decision; interception after
         # it (it acts on the enforcer's CONNECT decision) and before Tunnels (which asks it);
         # FailClosed last, to refuse what nothing decided.
-        proxy.addons.add(audit, pinning, approvals, port, AgentIdentity(policy, audit),
+        proxy.addons.add(audit, pinning, approvals, SocksPort(audit), port,
+                          AgentIdentity(policy, audit),
                           ClientLimits(audit, policy),
                           ExplainedRefusals(interception, audit, port.discard_body),
                           broker, enforcer, CredentialSwap(broker),
@@ -189,6 +195,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
                 audit_log=audit_log or "",
                 managed_owners=list(managed_owners),
                 agent_uid=-1 if agent_uid is None else agent_uid,
+                socks_listen=socks_listen,
                 **(extra or {}),
             )
         except exceptions.OptionsError as exc:

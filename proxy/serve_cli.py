@@ -41,6 +41,10 @@ def add_parsers(commands: Any) -> None:
     serve.add_argument("--listen", metavar="HOST:PORT", type=_listen,
                        default=("127.0.0.1", 8080),
                        help="address to listen on (default 127.0.0.1:8080; port 0 picks one)")
+    serve.add_argument("--socks-listen", metavar="HOST:PORT", type=_listen,
+                       help="also accept SOCKS5 (for SSH, git over SSH, databases) on this "
+                            "address, decided by the same policy (default: off; port 0 picks "
+                            "one)")
     serve.add_argument("--audit-log", metavar="FILE",
                        help="audit log, JSON lines ('-' for stdout; default "
                             "$XDG_STATE_HOME/agent-egress/audit.jsonl)")
@@ -88,13 +92,31 @@ def _listen_problem(host: str, port: int) -> str | None:
     return None
 
 
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
     host, port = args.listen
-    if problem := _listen_problem(host, port):
-        print(f"agent-egress: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+    socks_listen = ""
+    for listen_host, listen_port in filter(None, (args.listen, args.socks_listen)):
+        if problem := _listen_problem(listen_host, listen_port):
+            print(f"agent-egress: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+    if args.socks_listen:
+        socks_host, socks_port = args.socks_listen
+        if (socks_host, socks_port) == (host, port) and port:
+            print("agent-egress: --socks-listen needs an address of its own (not --listen's)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        if socks_port == 0 and port == 0 and socks_host == host:
+            socks_port = _free_port(socks_host)  # mitmproxy refuses two servers on HOST:0
+        socks_listen = f"{socks_host}:{socks_port}"
     refusal, telemetry = _serve_preflight(args)
     if refusal is not None:
         return refusal
@@ -105,7 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  socket_path=args.approval_socket or default_socket_path(),
                  approver_uids=args.approver_uid, agent_uid=args.agent_uid,
                  managed_owners=args.managed_owner, extra={"dns_timeout": args.dns_timeout},
-                 ca_directory=args.ca_dir, explain_https=args.explain_https)
+                 ca_directory=args.ca_dir, explain_https=args.explain_https,
+                 socks_listen=socks_listen)
 
 
 def _serve_preflight(args: argparse.Namespace) -> tuple[int | None, Telemetry | None]:

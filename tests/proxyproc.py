@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 _LISTENING = re.compile(r"listening on ([0-9.]+):(\d+)")
+_SOCKS = re.compile(r"SOCKS5 listening on ([0-9.]+):(\d+)")
 
 
 def owner_args() -> tuple[str, ...]:
@@ -40,6 +41,7 @@ class ProxyProcess:
         args += list(extra_args)
         self.output: list[str] = []
         self.port: int | None = None
+        self.socks_port: int | None = None  # with --socks-listen
         self._ready = threading.Event()
         self.process = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -81,7 +83,9 @@ class ProxyProcess:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.output.append(line)
-            if match := _LISTENING.search(line):
+            if match := _SOCKS.match(line):
+                self.socks_port = int(match.group(2))
+            elif match := _LISTENING.search(line):
                 self.port = int(match.group(2))
             if line.strip().startswith("http_proxy="):  # the last line of the banner
                 self._ready.set()
