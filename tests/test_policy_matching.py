@@ -230,3 +230,18 @@ def test_decisions_are_cached_but_correct_per_port() -> None:
 def test_ports_are_ascii_digits_in_range(target: str) -> None:
     with pytest.raises(InvalidHost):
         split_host_port(target)
+
+
+@pytest.mark.parametrize(("allow", "deny", "host", "port", "rule"), [
+    (["github.com:22"], [], "github.com", 22, "github.com:22"),  # the rule names the port
+    (["github.com:22"], [], "GitHub.com.", 22, "github.com:22"),  # any spelling of the name
+    (["github.com"], [], "github.com", 22, None),  # a name alone allows TLS and HTTP only
+    (["*.corp.test:5432"], [], "db.corp.test", 5432, "*.corp.test:5432"),
+    (["github.com:22", "github.com"], [], "github.com", 443, None),  # another port
+    (["github.com:22"], ["github.com"], "github.com", 22, None),  # denied: nothing at all
+    (["10.0.0.0/8"], [], "10.1.2.3", 5432, None),  # CIDR rules name no port: raw_tcp only
+])
+def test_raw_tcp_needs_an_allow_rule_that_names_the_port(allow, deny, host, port, rule) -> None:
+    policy = make_policy(allow, deny, ports=(22, 443, 5432), ip_literals=True)
+    found = policy.raw_tcp_rule(host, port)
+    assert (found.text if found is not None else None) == rule
