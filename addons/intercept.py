@@ -30,6 +30,7 @@ from mitmproxy.proxy.layers.tls import HTTP_ALPNS
 from OpenSSL import SSL
 
 from .auditlog import AuditLog
+from .connections import is_socks
 from .enforce import DECIDED, REFUSAL
 from .events import client_text, decision_fields, request_fields
 from .pinning import UpstreamPinning
@@ -122,8 +123,8 @@ class Interception:
         refusal = flow.metadata.get(REFUSAL)
         explaining = self.explain_https or policy.settings.explain_https
         if (not explaining or not isinstance(refusal, Decision)
-                or refusal.reason in _NOT_EXPLAINED):
-            return
+                or refusal.reason in _NOT_EXPLAINED or is_socks(client)):
+            return  # (a SOCKS5 client is told by its reply code; it need not speak TLS)
         self._tunnels[client.id] = Intercepted(refusal.host, refusal.port, refusal)
         now = time.time()
         flow.response = http.Response(flow.request.data.http_version, 200,

@@ -152,7 +152,9 @@ def run_git(tmp_path: Path, sshd: Sshd, *git_args: str) -> tuple[subprocess.Comp
     command = [sys.executable, "-m", "agent_egress.proxy", "run",
                "--config", str(_policy(tmp_path, sshd)), "--audit-log", str(audit),
                "--approval-socket", str(tmp_path / "approvals.sock"), "--agent-id", "git-agent",
-               "--no-explain-https", "--", "sh", "-c", script, "git", *git_args]
+               # run's default --explain-https stays on: it must not turn a SOCKS5 refusal
+               # into a "succeeded" (it answers refused HTTPS over TLS, on the HTTP port)
+               "--", "sh", "-c", script, "git", *git_args]
     result = subprocess.run(command, env=_environment(tmp_path), capture_output=True, text=True,
                             timeout=120, stdin=subprocess.DEVNULL)
     events = [json.loads(line) for line in audit.read_text().splitlines()] if audit.exists() \
