@@ -254,6 +254,8 @@ def _print_running(running: dict[str, Any]) -> None:
               f"; the policy loaded before stays in force:\n    {error}")
     if separation := running.get("approval_separation"):
         print(f"  approvals: {printable(separation)}")
+    if socks := running.get("socks"):
+        print(f"  SOCKS5 port: {printable(', '.join(socks))}")
     for warning in running.get("file_warnings") or ():
         print(f"  WARNING: {printable(warning)}")
 

@@ -326,6 +326,8 @@ def test_status_and_env_name_the_socks_port(socks) -> None:
     status = json.loads(socks.cli("policy", "show", "--json").stdout or "{}")
     shown = json.dumps(status)
     assert f"127.0.0.1:{socks.socks_port}" in shown
+    shown = socks.cli("policy", "show").stdout + socks.cli("health").stdout
+    assert shown.count(f"127.0.0.1:{socks.socks_port}") == 2
     env = socks.cli("env", "--shell", "dotenv", "--no-check")
     assert f"ALL_PROXY=socks5h://127.0.0.1:{socks.socks_port}" in env.stdout
     assert "GIT_SSH_COMMAND=ssh -o 'ProxyCommand=" in env.stdout
