@@ -65,7 +65,9 @@ def connect_flow(client: connection.Client, server: connection.Server, host: str
     name, decided by AgentIdentity like the HTTP port's)."""
     headers = http.Headers()
     if user is not None:
-        token = base64.b64encode(f"{user}:".encode()).decode("ascii")
+        # Basic credentials end the name at a colon; a SOCKS5 name may hold one, which must
+        # not shorten "codex:x" into "codex": it stays in, as a character no name may use.
+        token = base64.b64encode(f"{user.replace(':', chr(0xFFFD))}:".encode()).decode()
         headers["Proxy-Authorization"] = f"Basic {token}"
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     now = time.time()

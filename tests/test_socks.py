@@ -215,8 +215,8 @@ def test_ipv6_address_is_an_ip_literal_no_rule_covers(socks, plain_origin) -> No
     assert _decided(socks, mark, host="::1")["decision"] == "deny"
 
 
-@pytest.mark.parametrize("user", [b"two words", b"\xff\xfe", b"a" * 65],
-                         ids=["space", "not-utf8", "too-long"])
+@pytest.mark.parametrize("user", [b"two words", b"\xff\xfe", b"a" * 65, b"codex:spoofed"],
+                         ids=["space", "not-utf8", "too-long", "colon"])
 def test_an_invalid_agent_name_is_refused(socks, plain_origin, user) -> None:
     mark, before = socks.mark(), plain_origin.connections
     sock, code = socksclient.open_tunnel(socks.socks_port, "allowed.test", plain_origin.port,
