@@ -15,6 +15,7 @@ from . import (
     ca_cli,
     connect_cli,
     credentials_cli,
+    isolate_bridge,
     launch,
     policy_cli,
     report_cli,
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_parsers(commands)
     run.add_parsers(commands)
     connect_cli.add_parsers(commands)
+    isolate_bridge.add_parsers(commands)
     report_cli.add_parsers(commands)
     triage_cli.add_parsers(commands)
     policy_cli.add_parsers(commands)

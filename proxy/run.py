@@ -24,6 +24,7 @@ from .approval_client import ApprovalClient, ApprovalClientError, find_socket
 from .ca import CAError
 from .ca_cli import add_ca_dir_option, local_ca
 from .connect_cli import ssh_environment
+from .isolate import Isolation, IsolationError, inside_url, namespace_command
 from .launch import (
     chosen_policy,
     proxy_environment,
@@ -49,6 +50,11 @@ def add_parsers(commands: Any) -> None:
     run.add_argument("--agent-user", metavar="USER",
                      help="run COMMAND as this user (needs root): the approval socket refuses "
                           "it, so the agent cannot approve its own requests")
+    run.add_argument("--isolate", nargs="?", const="auto", choices=("auto", "bwrap", "unshare"),
+                     help="run COMMAND in a network namespace with only loopback, where the "
+                          "proxy is the one way out: no direct connection, no DNS. It needs "
+                          "bubblewrap, or root for unshare (auto: bwrap if installed); refused "
+                          "otherwise")
     run.add_argument("--join", action="store_true",
                      help="use the running proxy (refused when its policy files differ from "
                           "this run's); it is left running")
@@ -190,15 +196,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = None
     placeholders: dict[str, str] = {}  # the credentials' variables, from the proxy started
     try:
+        if args.isolate:
+            namespace_command([], [], args.isolate)  # refused now if it cannot be done
         agent = AgentUser.named(args.agent_user) if args.agent_user else None
         if args.join:
             url, socks = _join(args, placeholders)
         else:
             started, url, socks = _start_proxy(
                 args, args.approval_socket or run_socket_path(), agent, placeholders)
-    except RunError as exc:
+    except (RunError, IsolationError) as exc:
         print(f"agent-egress run: {exc}", file=sys.stderr)
         return 2
+    isolation = None
+    if args.isolate:  # the command reaches the proxy through a bridge inside its namespace
+        isolation = Isolation({"http": url, **({"socks": socks} if socks else {})},
+                              args.isolate)
+        url, socks = inside_url(url), inside_url(socks) if socks else None
     env = {**os.environ, **placeholders, **proxy_environment(
         with_agent(url, args.agent_id), with_agent(socks, args.agent_id) if socks else None)}
     if socks:
@@ -221,11 +234,16 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{printable_lines(exc)}",
               file=sys.stderr)
         _stop(started)
+        if isolation is not None:
+            isolation.close()
         return 2
     options: dict[str, Any] = {}
     if agent is not None:
         env.update(agent.environment())
         options = agent.popen_options()
+    if isolation is not None:  # the bridge starts the command (as the agent user, if given)
+        user = (agent.uid, agent.gid, options["extra_groups"]) if agent else None
+        command, options = isolation.command(command, user), {}
     try:
         try:
             child = subprocess.Popen(command, env=env, **options)
@@ -241,6 +259,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return status if status >= 0 else 128 - status
     finally:
         _stop(started)
+        if isolation is not None:
+            isolation.close()
         if trust_dir is not None:
             shutil.rmtree(trust_dir, ignore_errors=True)
 
