@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import os
+import shutil
 import signal
 import socket
 import socketserver
@@ -101,6 +103,15 @@ def cmd_bridge(args: argparse.Namespace) -> int:
         uid, gid, groups = args.user.split(":")
         options = {"user": int(uid), "group": int(gid),
                    "extra_groups": [int(g) for g in groups.split(",") if g]}
+    elif os.geteuid() == 0:
+        # Root keeps CAP_SYS_ADMIN, with which `nsenter --net=/proc/PID/ns/net` walks out of
+        # the namespace: the command runs without capabilities (still uid 0).
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            return _fail("the command would run as root with its capabilities, which can leave "
+                         "the namespace, and setpriv (util-linux) is missing to drop them; use "
+                         "--agent-user USER")
+        command = [setpriv, "--inh-caps=-all", "--bounding-set=-all", "--", *command]
     try:
         child = subprocess.Popen(command, **options)
     except FileNotFoundError:

@@ -34,6 +34,7 @@ except OSError:
 curl -sS --max-time 10 "http://allowed.test:$PORT/hello" >/dev/null 2>&1; echo "via-http-proxy=$?"
 curl -sS --max-time 10 -x "$ALL_PROXY" "http://allowed.test:$PORT/hello" >/dev/null 2>&1
 echo "via-socks=$?"
+nsenter --net="/proc/$OUTSIDE/ns/net" true 2>/dev/null; echo "nsenter=$?"  # walk back out?
 """
 
 
@@ -72,7 +73,8 @@ def _tools() -> list[str]:
 def test_inside_the_proxy_is_the_only_way_out(tmp_path, plain_origin, tool) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text(policy_text(plain_origin.port))
-    env = {**_environment(tmp_path), "PORT": str(plain_origin.port), "PYTHON": sys.executable}
+    env = {**_environment(tmp_path), "PORT": str(plain_origin.port), "PYTHON": sys.executable,
+           "OUTSIDE": str(os.getpid())}  # a process in the namespace outside
     before = plain_origin.connections
     result = _run(tmp_path, "--isolate", tool, "--config", str(policy),
                   "--audit-log", str(tmp_path / "audit.jsonl"),
@@ -83,6 +85,7 @@ def test_inside_the_proxy_is_the_only_way_out(tmp_path, plain_origin, tool) -> N
     assert outcome["getent-allowed"] == "2" and outcome["getent-pypi"] == "2"  # no resolver
     assert outcome["python-connect"] == "1"
     assert outcome["via-http-proxy"] == "0" and outcome["via-socks"] == "0"
+    assert outcome["nsenter"] != "0"  # even as root: the command has no capabilities
     assert plain_origin.connections == before + 2  # the two proxied requests, nothing else
     audit = (tmp_path / "audit.jsonl").read_text()
     assert '"scheme": "http"' in audit and '"scheme": "socks5"' in audit
