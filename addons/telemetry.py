@@ -60,6 +60,25 @@ def otel_attributes(fields: dict[str, Any]) -> dict[str, Any]:
     return attributes
 
 
+_CODEX_PROTOCOL = {"http": "http", "https": "http", "connect": "https_connect",
+                   "socks5": "socks5_tcp"}
+
+
+def codex_attributes(fields: dict[str, Any]) -> dict[str, Any]:
+    """A decision's attributes under the names Codex's network proxy gives its policy decision
+    events, so that dashboards built for those read ours (both sets are sent)."""
+    decision = fields.get("decision")
+    person_or_reviewer = fields.get("approval_actor") not in (None, "timeout", "limit")
+    return {
+        "network.policy.scope": "domain_rule",
+        "network.policy.decision": "ask" if decision == "held" else decision,
+        "network.policy.reason": fields.get("reason"),
+        "network.policy.source": "decider" if person_or_reviewer else "baseline_policy",
+        "network.transport.protocol": _CODEX_PROTOCOL.get(fields.get("scheme") or "", "http"),
+        "http.request.method": fields.get("method") or "none",
+    }
+
+
 def _body(event: str, fields: dict[str, Any]) -> str:
     if event == "request.decided":
         return (f"{fields.get('decision')} {fields.get('host')}:{fields.get('port')} "
@@ -115,6 +134,9 @@ class TelemetrySink:
 
     def on_event(self, event: str, fields: dict[str, Any]) -> None:
         attributes = otel_attributes(fields)
+        if event == "request.decided":
+            attributes.update({key: value for key, value in codex_attributes(fields).items()
+                               if value is not None})
         severity = (SeverityNumber.ERROR if fields.get("severity") == "high" else
                     SeverityNumber.WARN if fields.get("decision") == "deny" else
                     SeverityNumber.INFO)  # high: a credential sent where it may not go

@@ -71,6 +71,14 @@ def test_scripted_session_over_http_protobuf(tmp_path, http_receiver, tls_origin
     assert attrs["agent_egress.reason"] == "allowlist"
     assert attrs["agent_egress.agent"] == "agent-7"
     assert allowed_plain["body"] == f"allow allowed.test:{plain_origin.port} (allowlist)"
+    # The names Codex's network proxy uses, beside ours: its dashboards read these.
+    assert attrs["network.policy.decision"] == "allow"
+    assert attrs["network.policy.reason"] == "allowlist"
+    assert attrs["network.policy.source"] == "baseline_policy"
+    assert attrs["network.transport.protocol"] == "http"
+    tunnel = next(e for e in decided if e["attributes"]["url.scheme"] == "connect")
+    assert tunnel["attributes"]["network.transport.protocol"] == "https_connect"
+    assert tunnel["attributes"]["http.request.method"] == "none"
     deny = next(e for e in decided if e["attributes"]["agent_egress.decision"] == "deny")
     assert deny["severity"] == "WARN"
     assert deny["attributes"]["agent_egress.reason"] == "denylist"
@@ -78,6 +86,9 @@ def test_scripted_session_over_http_protobuf(tmp_path, http_receiver, tls_origin
                     "approved")
     assert approved["attributes"]["agent_egress.approval.id"] == pending["id"]
     assert approved["attributes"]["agent_egress.approval.actor"].startswith("uid:")
+    assert approved["attributes"]["network.policy.source"] == "decider"
+    held_event = next(e for e in decided if e["attributes"]["agent_egress.decision"] == "held")
+    assert held_event["attributes"]["network.policy.decision"] == "ask"
     (requested,) = received.events("approval.requested")
     assert requested["attributes"]["agent_egress.approval.id"] == pending["id"]
     (decision,) = received.events("approval.decided")
