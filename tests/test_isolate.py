@@ -99,3 +99,16 @@ def test_without_a_way_to_isolate_the_command_is_not_run(tmp_path) -> None:
     assert result.returncode == 2
     assert "bubblewrap is not installed" in result.stderr
     assert not marker.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not _tools(), reason="needs root and bwrap or unshare")
+def test_isolate_with_agent_user_runs_the_command_as_that_user(tmp_path, plain_origin) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy_text(plain_origin.port))
+    tmp_path.chmod(0o755)  # the agent user reads nothing of it but must reach its cwd
+    script = (f"id -u; curl -sS --max-time 10 -o /dev/null -w '%{{http_code}}\\n' "
+              f"http://allowed.test:{plain_origin.port}/hello")
+    result = _run(tmp_path, "--isolate", "--agent-user", "nobody", "--config", str(policy),
+                  command=["sh", "-c", script])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["65534", "200"]
