@@ -39,6 +39,12 @@ class AuditLog:
         self._file: IO[str] | None = None
         self._logger: Any = None
         self._sinks: list[Callable[[str, dict[str, Any]], None]] = []
+        self._last_words: list[Callable[[], None]] = []
+
+    def before_stop(self, last_words: Callable[[], None]) -> None:
+        """Something to record when the proxy stops, before the log closes: mitmproxy calls
+        `done` in addon order, and this addon comes first (it must be configured first)."""
+        self._last_words.append(last_words)
 
     def add_sink(self, sink: Callable[[str, dict[str, Any]], None]) -> None:
         """Another receiver of every event (OpenTelemetry); it must never block."""
@@ -98,6 +104,11 @@ class AuditLog:
                   policy=ctx.options.policy_file or "built-in default policy")
 
     def done(self) -> None:
+        for last_words in self._last_words:
+            try:
+                last_words()
+            except Exception:  # the rest of the record, and the stop itself, still go out
+                logger.exception("recording what was open at the stop failed")
         self.emit("proxy.stopped")
         if self._file is not None:
             self._file.close()

@@ -242,9 +242,19 @@ class Tunnels:
             return
         if tunnel.deadline is not None:
             tunnel.deadline.cancel()
+        self._closed(tunnel)
+
+    def proxy_stopping(self) -> None:
+        """Tunnels still open when the proxy stops: their `tunnel.closed` with what they
+        carried so far (mitmproxy does not close connections before `done`)."""
+        tunnels, self._tunnels = list(self._tunnels.values()), {}
+        for tunnel in tunnels:
+            self._closed(tunnel, stopped=True)
+
+    def _closed(self, tunnel: Tunnel, stopped: bool = False) -> None:
         self.audit.emit(
             "tunnel.closed", client=tunnel.client, agent=tunnel.agent, scheme=tunnel.scheme,
-            host=tunnel.host, port=tunnel.port,
+            host=tunnel.host, port=tunnel.port, proxy_stopped=stopped or None,
             protocol=tunnel.protocol, ech=tunnel.ech or None,
             intercepted=tunnel.intercepted or None,  # its requests have their own events
             bytes_up=None if tunnel.intercepted else tunnel.bytes_up,

@@ -141,6 +141,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
                             review=review)
         reloader = PolicyReload(enforcer, audit)
         tunnels = Tunnels(audit, pinning, policy, port.http_layer, interception)
+        audit.before_stop(tunnels.proxy_stopping)
         if telemetry is not None:
             from agent_egress.addons.telemetry import TelemetrySink
 

@@ -337,3 +337,22 @@ def test_the_http_port_does_not_speak_socks(socks) -> None:
     sock = socket.create_connection(("127.0.0.1", socks.port), timeout=10)
     sock.sendall(b"\x05\x01\x00")
     assert read_all(sock) == b""
+
+
+def test_a_tunnel_open_when_the_proxy_stops_is_recorded(tls_origin, plain_origin, echo,
+                                                        tmp_path) -> None:
+    policy = socks_policy(tls_origin.port, plain_origin.port, echo.server_address[1],
+                          raw_port=echo.server_address[1])
+    process = ProxyProcess(tmp_path, policy, "--socks-listen", "127.0.0.1:0")
+    try:
+        sock, code = socksclient.open_tunnel(process.socks_port, "allowed.test",
+                                             tls_origin.port)
+        assert code == 0
+        process.wait_for_event(lambda e: e["event"] == "request.decided")
+    finally:
+        assert process.stop() == 0
+    events = process.events()
+    closed = next(e for e in events if e["event"] == "tunnel.closed")
+    assert closed["proxy_stopped"] is True and closed["scheme"] == "socks5"
+    assert events[-1]["event"] == "proxy.stopped"  # and nothing is written after the stop
+    sock.close()
