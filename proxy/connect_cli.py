@@ -178,5 +178,6 @@ def ssh_environment(environ: Mapping[str, str], python: str = sys.executable) ->
     """GIT_SSH_COMMAND with this relay as ssh's ProxyCommand, unless the user set their own."""
     if environ.get("GIT_SSH_COMMAND") or environ.get("GIT_SSH"):
         return {}
-    relay_command = f"{shlex.quote(python)} -m agent_egress.proxy connect %h %p"
+    # -I: never import from the working directory (a repository git works in).
+    relay_command = f"{shlex.quote(python)} -I -m agent_egress.proxy connect %h %p"
     return {"GIT_SSH_COMMAND": f"ssh -o {shlex.quote('ProxyCommand=' + relay_command)}"}

@@ -26,8 +26,13 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 # Resolver daemons reached over Unix sockets, which a network namespace does not separate:
-# nscd, systemd-resolved (its varlink socket, and D-Bus, which also reaches it).
-RESOLVER_SOCKET_DIRS = ("/run/nscd", "/run/systemd/resolve", "/run/dbus")
+# nscd, systemd-resolved (its varlink socket, and D-Bus, which also reaches it), avahi (mDNS,
+# through nss-mdns), SSSD.
+RESOLVER_SOCKET_DIRS = ("/run/nscd", "/run/systemd/resolve", "/run/dbus", "/run/avahi-daemon",
+                        "/var/lib/sss/pipes")
+# `-I`: the interpreter never imports from the working directory (the agent's project, where a
+# planted `agent_egress/` package would otherwise run as the proxy or the root bridge).
+PYTHON = (sys.executable, "-I")
 
 
 class IsolationError(Exception):
@@ -45,13 +50,14 @@ def namespace_command(bridge: Sequence[str], argv: Sequence[str],
                              "bubblewrap)")
     if bwrap is not None:
         mounts = [argument for path in masks for argument in ("--tmpfs", path)]
-        return [bwrap, "--unshare-net", "--die-with-parent", "--dev-bind", "/", "/", *mounts,
-                "--", *bridge, "--", *argv]
+        # A PID namespace of its own: no process outside to signal, trace or read /proc of.
+        return [bwrap, "--unshare-net", "--unshare-pid", "--die-with-parent", "--dev-bind",
+                "/", "/", "--proc", "/proc", *mounts, "--", *bridge, "--", *argv]
     unshare = shutil.which("unshare")
     if os.geteuid() == 0 and unshare is not None:
         hidden = [argument for path in masks for argument in ("--mask", path)]
-        return [unshare, "--net", "--mount", "--propagation", "private", "--", *bridge,
-                *hidden, "--", *argv]
+        return [unshare, "--net", "--mount", "--propagation", "private", "--pid", "--fork",
+                "--mount-proc", "--", *bridge, *hidden, "--", *argv]
     if tool == "unshare":
         raise IsolationError("--isolate unshare needs root and util-linux unshare")
     raise IsolationError("--isolate needs bubblewrap (apt-get install bubblewrap) or root "
@@ -122,7 +128,7 @@ class Isolation:
             self.maps += ["--map", f"{parts.port}={path}"]
 
     def command(self, argv: Sequence[str], user: tuple[int, int, list[int]] | None) -> list[str]:
-        bridge = [sys.executable, "-m", "agent_egress.proxy", "isolate-bridge", *self.maps]
+        bridge = [*PYTHON, "-m", "agent_egress.proxy", "isolate-bridge", *self.maps]
         if user is not None:
             uid, gid, groups = user
             bridge += ["--user", f"{uid}:{gid}:{','.join(map(str, groups))}"]

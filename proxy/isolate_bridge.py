@@ -103,17 +103,21 @@ def cmd_bridge(args: argparse.Namespace) -> int:
         uid, gid, groups = args.user.split(":")
         options = {"user": int(uid), "group": int(gid),
                    "extra_groups": [int(g) for g in groups.split(",") if g]}
-    elif os.geteuid() == 0:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return _fail("setpriv (util-linux) is missing: it keeps the command from gaining "
+                     "privileges (setuid programs) or keeping root's capabilities")
+    # No new privileges: a setuid program inside does not run with its owner's rights.
+    drop = ["--no-new-privs"]
+    if not args.user and os.geteuid() == 0:
         # Root keeps CAP_SYS_ADMIN, with which `nsenter --net=/proc/PID/ns/net` walks out of
-        # the namespace: the command runs without capabilities (still uid 0).
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            return _fail("the command would run as root with its capabilities, which can leave "
-                         "the namespace, and setpriv (util-linux) is missing to drop them; use "
-                         "--agent-user USER")
-        command = [setpriv, "--inh-caps=-all", "--bounding-set=-all", "--", *command]
+        # the namespace (run refuses root without --agent-user; this is the second line).
+        drop += ["--inh-caps=-all", "--bounding-set=-all"]
+    command = [setpriv, *drop, "--", *command]
     try:
-        child = subprocess.Popen(command, **options)
+        # A session of its own: the terminal is not its controlling terminal, so it cannot
+        # push keystrokes into the shell that started `run` (TIOCSTI).
+        child = subprocess.Popen(command, start_new_session=True, **options)
     except FileNotFoundError:
         print(f"agent-egress run: command not found: {command[0]}", file=sys.stderr)
         return 127

@@ -24,7 +24,7 @@ from .approval_client import ApprovalClient, ApprovalClientError, find_socket
 from .ca import CAError
 from .ca_cli import add_ca_dir_option, local_ca
 from .connect_cli import ssh_environment
-from .isolate import Isolation, IsolationError, inside_url, namespace_command
+from .isolate import PYTHON, Isolation, IsolationError, inside_url, namespace_command
 from .launch import (
     chosen_policy,
     proxy_environment,
@@ -116,7 +116,7 @@ class AgentUser:
 def _start_proxy(args: argparse.Namespace, socket_path: Path, agent: AgentUser | None,
                  placeholders: dict[str, str]) -> tuple[subprocess.Popen[str], str, str | None]:
     host = args.listen.rpartition(":")[0] or "127.0.0.1"
-    command = [sys.executable, "-m", "agent_egress.proxy", "serve", "--listen", args.listen,
+    command = [*PYTHON, "-m", "agent_egress.proxy", "serve", "--listen", args.listen,
                "--socks-listen", f"{host}:0", "--approval-socket", str(socket_path)]
     for option, value in (("--config", args.config), ("--managed", args.managed),
                           ("--audit-log", args.audit_log),
@@ -199,6 +199,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.isolate:
             namespace_command([], [], args.isolate)  # refused now if it cannot be done
         agent = AgentUser.named(args.agent_user) if args.agent_user else None
+        if args.isolate and agent is None and os.geteuid() == 0:
+            raise RunError("--isolate as root needs --agent-user USER: a command running as "
+                           "root owns the policy files and the system, and can reach past the "
+                           "namespace through them even without capabilities")
         if args.join:
             url, socks = _join(args, placeholders)
         else:
@@ -240,7 +244,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {}
     if agent is not None:
         env.update(agent.environment())
-        options = agent.popen_options()
+        # A session of its own: another user's command must not push keystrokes into this
+        # terminal (TIOCSTI), where the invoking user's shell would run them.
+        options = {**agent.popen_options(), "start_new_session": True}
     if isolation is not None:  # the bridge starts the command (as the agent user, if given)
         user = (agent.uid, agent.gid, options["extra_groups"]) if agent else None
         command, options = isolation.command(command, user), {}
