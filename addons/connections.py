@@ -9,7 +9,8 @@ connection handlers by client id (`connections`), each with the transports of it
 from __future__ import annotations
 
 import ipaddress
-import socket
+import select
+import weakref
 from typing import Any
 
 from mitmproxy import connection, ctx
@@ -105,37 +106,54 @@ def close(client: connection.Client) -> None:
         handler.close_connection(client)
 
 
+# Why each paused transport is paused (a held request, an upstream connection opening): it
+# reads again only when every reason is gone.
+_pauses: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def _transport(client: connection.Client) -> Any:
+    io = _io(client)
+    return getattr(io.writer, "transport", None) if io is not None else None
+
+
 def pause_reading(client: connection.Client) -> bool:
     """Stop reading from the client: what it sends waits in the kernel's buffers (bounded)
-    instead of queueing in the proxy's memory. Whether it was paused."""
-    io = _io(client)
-    transport = getattr(io.writer, "transport", None) if io is not None else None
+    instead of queueing in the proxy's memory. Whether it was paused; each pause that was is
+    undone by one `resume_reading`."""
+    transport = _transport(client)
     if transport is None or transport.is_closing():
         return False
+    _pauses[transport] = _pauses.get(transport, 0) + 1
     transport.pause_reading()
     return True
 
 
 def resume_reading(client: connection.Client) -> None:
-    io = _io(client)
-    transport = getattr(io.writer, "transport", None) if io is not None else None
-    if transport is not None and not transport.is_closing() and not transport.is_reading():
+    transport = _transport(client)
+    if transport is None:
+        return
+    still = _pauses.pop(transport, 1) - 1
+    if still > 0:
+        _pauses[transport] = still  # paused for another reason too
+    elif not transport.is_closing() and not transport.is_reading():
         transport.resume_reading()
 
 
 def peer_closed(client: connection.Client) -> bool:
-    """Whether the client has closed its side, for a connection whose reading is paused: a
-    peek at the socket shows the end of the stream without taking any data."""
+    """Whether the client has closed its side, for a connection whose reading is paused: the
+    socket is polled for the end of its stream (POLLRDHUP), which shows even when unread data
+    comes before it."""
     io = _io(client)
     if io is None or io.writer is None:
         return True
     raw = io.writer.get_extra_info("socket")
     if raw is None:
         return False
+    poller = select.poll()
+    poller.register(raw.fileno(), select.POLLRDHUP)
     try:
-        with socket.socket(fileno=socket.dup(raw.fileno())) as peek:
-            return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
-        return False  # nothing to read: still there
+        ready = poller.poll(0)
     except OSError:
-        return True  # reset
+        return True
+    gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+    return any(events & gone for _, events in ready)

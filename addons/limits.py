@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from agent_egress.policy import CompiledPolicy, Reason, Settings
 from mitmproxy import connection, http
+from mitmproxy.proxy import server_hooks
 
 from . import connections
 from .auditlog import AuditLog
@@ -39,6 +40,7 @@ class ClientLimits:
         self.policy = policy
         self._open: collections.Counter[str] = collections.Counter()  # client -> connections
         self._deadlines: dict[str, _Deadline] = {}  # client connection id -> its deadline
+        self._connecting: set[str] = set()  # upstream connections opening, their client paused
 
     def _settings(self) -> Settings:
         policy = self.policy()
@@ -66,6 +68,19 @@ class ClientLimits:
         if self._open[key] <= 0:
             del self._open[key]
         self._disarm(client)
+
+    # While an upstream connection opens, mitmproxy would queue all the client sends in memory
+    # (its layers wait for the connection): the client is not read until it is open or failed.
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.server.error is None and connections.pause_reading(data.client):
+            self._connecting.add(data.server.id)
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        if data.server.id in self._connecting:
+            self._connecting.discard(data.server.id)
+            connections.resume_reading(data.client)
+
+    server_connect_error = server_connected
 
     # A head is complete when mitmproxy calls these: nothing more to wait for.
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -100,7 +115,8 @@ class ClientLimits:
         deadline = self._deadlines.pop(client.id, None)
         if deadline is None:
             return
-        what = "SOCKS5 request" if connections.is_socks(client) else "request head"
+        socks_handshake = deadline.first_request and connections.is_socks(client)
+        what = "SOCKS5 request" if socks_handshake else "request head"
         self.audit.emit("connection.refused", client=client_text(client),
                         reason=Reason.HEADER_TIMEOUT.value,
                         detail=f"no complete {what} within {timeout:g} s "

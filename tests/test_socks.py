@@ -8,6 +8,7 @@ on this machine, where the origin's connection counter shows it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import socketserver
@@ -74,9 +75,29 @@ timeout = 30
 
 
 @pytest.fixture(scope="module")
-def socks(tls_origin, plain_origin, echo, tmp_path_factory) -> Iterator[ProxyProcess]:
+def unanswered() -> Iterator[int]:
+    """A loopback port whose SYNs get no answer: its accept queue is full."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    port = silent.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    yield port
+    for filler in fillers:
+        filler.close()
+    silent.close()
+
+
+@pytest.fixture(scope="module")
+def socks(tls_origin, plain_origin, echo, unanswered, tmp_path_factory) -> Iterator[ProxyProcess]:
     policy = socks_policy(tls_origin.port, plain_origin.port, echo.server_address[1],
-                          raw_port=echo.server_address[1])
+                          unanswered, raw_port=echo.server_address[1])
     process = ProxyProcess(tmp_path_factory.mktemp("socks"), policy,
                            "--socks-listen", "127.0.0.1:0")
     assert process.socks_port is not None
@@ -355,4 +376,47 @@ def test_a_tunnel_open_when_the_proxy_stops_is_recorded(tls_origin, plain_origin
     closed = next(e for e in events if e["event"] == "tunnel.closed")
     assert closed["proxy_stopped"] is True and closed["scheme"] == "socks5"
     assert events[-1]["event"] == "proxy.stopped"  # and nothing is written after the stop
+    sock.close()
+
+
+def test_a_client_is_not_read_while_its_upstream_connection_opens(socks, unanswered) -> None:
+    """An allowed host that never answers the SYN: whatever the client sends meanwhile waits in
+    the kernel's buffers, not in the proxy's memory (it was queued without bound)."""
+    sock, code = socksclient.open_tunnel(socks.socks_port, "allowed.test", unanswered)
+    assert code == 0
+    sock.sendall(TLSClient("allowed.test").client_hello())  # judged; the relay connects
+    time.sleep(0.3)
+    sock.setblocking(False)
+    chunk, sent, started = (b"\x17\x03\x03\x40\x00" + b"A" * 16384) * 16, 0, time.monotonic()
+    while time.monotonic() - started < 3:
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.01)
+    sock.close()
+    assert sent < 32 * 2**20, f"{sent >> 20} MiB taken in while connecting"
+
+
+def test_a_held_client_that_sent_more_and_left_is_seen_gone(socks, plain_origin) -> None:
+    """The end of the stream behind unread bytes (sent while held) still counts as gone."""
+    sock = socksclient.greet(socks.socks_port, user=b"leaving-agent")
+    sock.sendall(socksclient.request("ask3.test", plain_origin.port))
+    wait_pending(socks, lambda p: p["host"] == "ask3.test")
+    sock.sendall(b"GET /after-leaving HTTP/1.1\r\nHost: ask3.test\r\n\r\n")
+    sock.close()
+    gone = wait_pending(socks, lambda p: p["host"] == "ask3.test" and p["clients_gone"])
+    assert gone["waiting"] == 0
+
+
+def test_an_idle_http_connection_in_a_socks_tunnel_is_timed_out_as_such(socks,
+                                                                       plain_origin) -> None:
+    sock, code = socksclient.open_tunnel(socks.socks_port, "allowed.test", plain_origin.port)
+    assert code == 0
+    mark = socks.mark()
+    sock.sendall(b"GET /hello HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    event = socks.wait_for_event(lambda e: e["event"] == "connection.refused"
+                                 and e.get("reason") == "header_timeout", after=mark,
+                                 timeout=8)
+    assert "no complete request head" in event["detail"]  # the SOCKS5 request was long done
     sock.close()
