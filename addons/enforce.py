@@ -40,18 +40,13 @@ from .identity import agent_of
 from .pending import Verdict, verdict_decision, verdict_fields
 from .pinning import UpstreamPinning
 from .refusals import blocked_response
+from .upstream import ParentProxy
 
 logger = logging.getLogger(__name__)
-
 
 DECIDED = "agent_egress_decided"  # flow metadata: the policy let this request through
 REFUSAL = "agent_egress_refusal"  # flow metadata: the Decision a refused request was answered by
 _STRICTNESS = (Action.ALLOW, Action.ASK, Action.DENY)
-
-
-def policy_files_signature() -> tuple[Any, ...]:
-    """Which versions of the policy files the options name (see files_signature)."""
-    return files_signature((ctx.options.policy_file, ctx.options.managed_policy_file))
 
 
 class Enforcer:
@@ -63,8 +58,9 @@ class Enforcer:
 
     def __init__(self, audit: AuditLog, pinning: UpstreamPinning, approvals: Approvals,
                  discard_body: Callable[[http.Request], None] = lambda request: None,
-                 review: AutoReview | None = None) -> None:
+                 review: AutoReview | None = None, parent: ParentProxy | None = None) -> None:
         self.audit = audit
+        self.parent = parent  # the corporate proxy allowed requests leave through (the name)
         self.pinning = pinning
         self.approvals = approvals
         self.review = review  # answers held destinations before a person, when enabled
@@ -90,7 +86,8 @@ class Enforcer:
 
     def reload(self) -> CompiledPolicy:
         """Load the policy files afresh; on error the policy in force stays (PolicyError)."""
-        signature = policy_files_signature()  # before reading: a later change is seen later
+        # Which versions of the files are read: taken before, so a later change is seen later.
+        signature = files_signature((ctx.options.policy_file, ctx.options.managed_policy_file))
         policy = load_policy(ctx.options.policy_file or None,
                              resolve=ctx.options.resolve_overrides,
                              managed=ctx.options.managed_policy_file or None)
@@ -243,7 +240,9 @@ class Enforcer:
                 # One string per address, however many requests and idle tunnels hold it.
                 address = sys.intern(str(resolution.addresses[0]))
                 self.pinning.pin(flow.client_conn, host, port, address, tunnel=tunnel)
-        if address is not None:
+        plain = not tunnel and self.pinning.tunnel(flow.client_conn) is None
+        if address is not None and not (refusal is None and self.parent is not None
+                                        and self.parent.route(flow, decision.host, port, plain)):
             # Connect to exactly the checked address: no second lookup for rebinding to use.
             # (Setting .data.host leaves the Host header as the client sent it.)
             flow.request.data.host = address

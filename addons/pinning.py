@@ -7,7 +7,7 @@ fails closed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +43,10 @@ class Pin:
 
 
 class UpstreamPinning:
-    def __init__(self) -> None:
+    def __init__(self, is_parent: Callable[[Any], bool] = lambda address: False) -> None:
         self._pins: dict[str, Pin] = {}  # client connection id -> its latest pin
+        # The parent proxy (addons/upstream.py): its hop is added only after a decision.
+        self.is_parent = is_parent
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -94,7 +96,8 @@ class UpstreamPinning:
         if data.server.address is None:
             return
         host, port = data.server.address[:2]
-        if self.name_for(data.client, host, port) is None:
+        if self.name_for(data.client, host, port) is None and not self.is_parent(
+                data.server.address):
             data.server.error = "agent-egress: no policy decision pinned this upstream"
 
     def client_disconnected(self, client: connection.Client) -> None:

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from agent_egress.policy import PolicyError, Problem
-from agent_egress.policy.files import FileTrust, policy_file_trust
+from agent_egress.policy.files import FileTrust, files_signature, policy_file_trust
 from mitmproxy import ctx
 
 from .auditlog import AuditLog
 from .connections import listen_addresses
-from .enforce import Enforcer, policy_files_signature
+from .enforce import Enforcer
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ class PolicyReload:
             await asyncio.sleep(ctx.options.reload_interval)
             # Compared with what the policy in force was read from, however it was loaded (an
             # `always` approval reloads it itself): one edit, one reload.
-            current = policy_files_signature()
+            current = files_signature((ctx.options.policy_file,
+                                       ctx.options.managed_policy_file))
             if current not in (self.enforcer.loaded_from, self._attempted):
                 self._attempted = current  # a file that fails is retried once it changes
                 self.reload("file changed")

@@ -37,6 +37,7 @@ from .pinning import UpstreamPinning
 from .relay import CloseClient, CountingPassthrough, Tunnel
 from .sniff import HelloRetryWatch, Sniffed, sniff
 from .socks import is_socks_stack
+from .upstream import ParentProxy
 
 
 def is_tunnel_stack(context: Any) -> bool:
@@ -53,12 +54,14 @@ class Tunnels:
 
     def __init__(self, audit: AuditLog, pinning: UpstreamPinning,
                  policy: Callable[[], CompiledPolicy | None],
-                 http_layer: Callable[[Any], layer.Layer], interception: Interception) -> None:
+                 http_layer: Callable[[Any], layer.Layer], interception: Interception,
+                 parent: ParentProxy | None = None) -> None:
         self.audit = audit
         self.pinning = pinning
         self.policy = policy
         self.http_layer = http_layer  # HTTP inside a tunnel: the proxy's guarded HTTP layer
         self.interception = interception
+        self.parent = parent  # the corporate proxy allowed tunnels leave through, if any
         self._tunnels: dict[str, Tunnel] = {}  # client connection id -> its one tunnel
 
     def http_connected(self, flow: http.HTTPFlow) -> None:
@@ -129,16 +132,24 @@ class Tunnels:
         if sniffed.protocol != "http" and tunnel.deadline is not None:
             tunnel.deadline.cancel()  # judged, and relayed from now on: nothing is awaited
             tunnel.deadline = None
-        if sniffed.protocol == "http":
-            self._replace(nextlayer, self.http_layer(nextlayer.context))
-        elif sniffed.protocol == "tls" and tunnel.intercepted:
-            self._replace(nextlayer, self.interception.layers_for(
-                nextlayer.context, self.http_layer))
-        elif sniffed.protocol == "tls":
-            self._replace(nextlayer, CountingPassthrough(
-                nextlayer.context, tunnel, HelloRetryWatch(), self._judge_second_hello))
+        context = nextlayer.context
+        if explaining or self.parent is None:  # an explained refusal goes nowhere upstream
+            self._replace(nextlayer, self._carrier(context, tunnel, sniffed))
         else:
-            self._replace(nextlayer, CountingPassthrough(nextlayer.context, tunnel))
+            self._replace(nextlayer, self.parent.wrap(
+                context, tunnel.host, tunnel.port,
+                lambda: self._carrier(context, tunnel, sniffed)))
+
+    def _carrier(self, context: Any, tunnel: Tunnel, sniffed: Sniffed) -> layer.Layer:
+        """The layer that carries what the tunnel's first bytes showed."""
+        if sniffed.protocol == "http":
+            return self.http_layer(context)
+        if sniffed.protocol == "tls" and tunnel.intercepted:
+            return self.interception.layers_for(context, self.http_layer)
+        if sniffed.protocol == "tls":
+            return CountingPassthrough(context, tunnel, HelloRetryWatch(),
+                                       self._judge_second_hello)
+        return CountingPassthrough(context, tunnel)
 
     def _judge_second_hello(self, sniffed: Sniffed, tunnel: Tunnel) -> bool:
         """The ClientHello a HelloRetryRequest asked for: judged like the first."""

@@ -383,12 +383,14 @@ class Layer(NamedTuple):
     deny_rules: tuple[Rule, ...]
     raw_tcp: RuleIndex  # destinations whose tunnels may carry bytes that are neither TLS nor HTTP
     raw_tcp_rules: tuple[Rule, ...] = ()
+    no_upstream: RuleIndex | None = None  # reached directly, not through a parent proxy
 
     @classmethod
-    def build(cls, name: str, source: str, allow: Sequence[Rule],
-              deny: Sequence[Rule], raw_tcp: Sequence[Rule] = ()) -> Layer:
+    def build(cls, name: str, source: str, allow: Sequence[Rule], deny: Sequence[Rule],
+              raw_tcp: Sequence[Rule] = (), no_upstream: Sequence[Rule] = ()) -> Layer:
         return cls(name, source, RuleIndex.build(allow), RuleIndex.build(deny), tuple(allow),
-                   tuple(deny), RuleIndex.build(raw_tcp), tuple(raw_tcp))
+                   tuple(deny), RuleIndex.build(raw_tcp), tuple(raw_tcp),
+                   RuleIndex.build(no_upstream) if no_upstream else None)
 
 
 class RequestRules(Protocol):
@@ -561,6 +563,20 @@ class CompiledPolicy:
             if rule is not None:
                 return rule
         return None
+
+    def goes_direct(self, host: str, port: int) -> bool:
+        """Whether `network.no_upstream` (in either file) sends this destination straight to
+        the origin rather than through the parent proxy (`serve --upstream-proxy`)."""
+        try:
+            normal = normalize_host(host)
+        except InvalidHost:
+            return False
+        for layer in self.layers:
+            index = layer.no_upstream
+            if index is not None and (index.match_ip(normal.ip, port) if normal.ip is not None
+                                      else index.match_name(normal.name, port)) is not None:
+                return True
+        return False
 
     @property
     def interception_configured(self) -> bool:

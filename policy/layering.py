@@ -68,10 +68,11 @@ def _rules(parsed: ParsedFile, layer: str, action: Action, problems: list[Proble
     return rules
 
 
-class _CompiledRules(NamedTuple):
+class _CompiledRules(NamedTuple):  # the first four are Layer.build's rule lists
     allow: list[Rule]
     deny: list[Rule]
     raw_tcp: list[Rule]
+    no_upstream: list[Rule]
     requests: RequestLayer
     credentials: list[Credential]
 
@@ -81,6 +82,7 @@ def _compile_layer(parsed: ParsedFile, name: str) -> _CompiledRules:
     allow = _rules(parsed, name, Action.ALLOW, problems)
     deny = _rules(parsed, name, Action.DENY, problems)
     raw_tcp = _rules(parsed, name, Action.ALLOW, problems, "raw_tcp")
+    no_upstream = _rules(parsed, name, Action.ALLOW, problems, "no_upstream")
     requests = compile_request_layer(parsed, name, problems)
     credentials = compile_credentials(parsed, name, problems)
     for credential, entry in passthrough_clashes(credentials, requests.passthrough):
@@ -91,7 +93,7 @@ def _compile_layer(parsed: ParsedFile, name: str) -> _CompiledRules:
                                        entry.text)))
     if problems:
         raise PolicyError(parsed.source, sorted(problems, key=lambda p: p.line or 0))
-    return _CompiledRules(allow, deny, raw_tcp, requests, credentials)
+    return _CompiledRules(allow, deny, raw_tcp, no_upstream, requests, credentials)
 
 
 def compile_layers(user: ParsedFile, managed: ParsedFile | None,
@@ -107,8 +109,7 @@ def compile_layers(user: ParsedFile, managed: ParsedFile | None,
     layers: list[Layer] = []
     if managed is not None:
         managed_rules = _compile_layer(managed, "managed")
-        managed_layer = Layer.build("managed", managed.source, managed_rules.allow,
-                                    managed_rules.deny, managed_rules.raw_tcp)
+        managed_layer = Layer.build("managed", managed.source, *managed_rules[:4])
         layers.append(managed_layer)
         user_allow = _bounded_user_rules(user_allow, managed, managed_layer, violations)
         user_raw_tcp = _bounded_user_rules(user_raw_tcp, managed, managed_layer, violations)
@@ -122,7 +123,8 @@ def compile_layers(user: ParsedFile, managed: ParsedFile | None,
     settings = replace(settings, **request_settings(user, managed, violations.add),
                        auto_review=auto_review_policy(user, managed, violations.add,
                                                       settings.approval_scopes))
-    layers.append(Layer.build("user", user.source, user_allow, user_rules.deny, user_raw_tcp))
+    layers.append(Layer.build("user", user.source, user_allow, user_rules.deny, user_raw_tcp,
+                              user_rules.no_upstream))
     return CompiledPolicy(layers, settings, violations.messages, _shadowed_allows(layers),
                           RequestPolicy(request_layers, settings.request_default),
                           Credentials(credentials))

@@ -129,6 +129,7 @@ class NetworkSettings(_Strict):
     block_private: bool = True
     allowed_cidrs: list[IPNetworkValue] = []
     raw_tcp: list[str] = []  # patterns whose tunnels may carry raw TCP (the host must be allowed)
+    no_upstream: list[str] = []  # patterns reached directly, not through serve --upstream-proxy
     allow_ech: bool = False  # TLS with an encrypted ClientHello (its real name is hidden)
     header_timeout: float = Field(default=30.0, gt=0, le=3600)
     max_connections_per_client: int = Field(default=256, ge=1, le=65536)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from agent_egress.addons.approvals import Approvals
 from agent_egress.addons.auditlog import AuditLog, default_audit_log_path
 from agent_egress.addons.autoreview import AutoReview, ModelReviewer
-from agent_egress.addons.connections import listen_addresses
+from agent_egress.addons.connections import address_text, listen_addresses
 from agent_egress.addons.credentials import CredentialBroker, CredentialSwap
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.addons.failclosed import FailClosed
@@ -27,6 +27,7 @@ from agent_egress.addons.proxyport import ProxyPort
 from agent_egress.addons.reload import PolicyReload
 from agent_egress.addons.socks import SocksPort
 from agent_egress.addons.tunnels import Tunnels
+from agent_egress.addons.upstream import ParentProxy
 from agent_egress.policy import BUILTIN, CompiledPolicy
 from agent_egress.policy.engine import AutoReviewPolicy
 from mitmproxy import ctx, exceptions, options
@@ -54,8 +55,10 @@ class Announce:
     """Tells the person starting the proxy where it listens, what the agent needs, and what
     does not hold (approvals not separated from the agent, policy files others can change)."""
 
-    def __init__(self, socket_path: Path, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, socket_path: Path, status: Callable[[], dict[str, Any]],
+                 parent: tuple[str, int] | None = None) -> None:
         self.socket_path = socket_path
+        self.parent = parent  # the parent proxy's address (never its credentials)
         self.status = status  # with the credentials' placeholders ("agent_environment")
 
     def running(self) -> None:
@@ -70,6 +73,9 @@ class Announce:
         if socks:
             print(f"SOCKS5 listening on {socks[0]}", flush=True)
         print(f"policy: {policy}\naudit log: {audit_log}", flush=True)
+        if self.parent is not None:
+            print(f"parent proxy: http://{address_text(self.parent)} (allowed connections "
+                  "leave through it)", flush=True)
         print(f"approval socket: {printable(self.socket_path)} (agent-egress watch)", flush=True)
         status = self.status()
         print(f"approvals: {status['approval_separation']}", flush=True)
@@ -117,14 +123,19 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
           approver_uids: Iterable[int] = (), telemetry: Telemetry | None = None,
           agent_uid: int | None = None, managed_owners: Iterable[int] = (),
           extra: dict[str, Any] | None = None, ca_directory: Path | None = None,
-          explain_https: bool = False, socks_listen: str = "") -> int:
+          explain_https: bool = False, socks_listen: str = "",
+          upstream_proxy: tuple[str, int] | None = None,
+          upstream_authorization: str | None = None) -> int:
     local_ca = LazyCA(ca_directory)
 
     async def main() -> int:
         opts = options.Options(listen_host=listen_host, listen_port=listen_port)
         proxy = lean_master(opts)
         audit = AuditLog()
-        pinning = UpstreamPinning()
+        # The corporate proxy allowed connections leave through (serve --upstream-proxy).
+        parent = (ParentProxy(lambda: enforcer.policy, upstream_proxy, upstream_authorization)
+                  if upstream_proxy else None)
+        pinning = UpstreamPinning(parent.is_parent) if parent else UpstreamPinning()
         # `always` decisions are written and loaded by the enforcer, created just below.
         approvals = Approvals(audit, write_rule=lambda *rule: enforcer.write_rule(*rule),
                               reload_policy=lambda: enforcer.load_written())
@@ -138,9 +149,9 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         port = ProxyPort(audit, interception.upstream_failure)
         review = AutoReview(audit, approvals, policy, model_factory=review_model)
         enforcer = Enforcer(audit, pinning, approvals, discard_body=port.discard_body,
-                            review=review)
+                            review=review, parent=parent)
         reloader = PolicyReload(enforcer, audit)
-        tunnels = Tunnels(audit, pinning, policy, port.http_layer, interception)
+        tunnels = Tunnels(audit, pinning, policy, port.http_layer, interception, parent)
         audit.before_stop(tunnels.proxy_stopping)
         if telemetry is not None:
             from agent_egress.addons.telemetry import TelemetrySink
@@ -180,7 +191,10 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
                           ExplainedRefusals(interception, audit, port.discard_body),
                           broker, enforcer, CredentialSwap(broker),
                           FormOverrides(audit, policy), interception, tunnels, reloader,
-                          Announce(socket_path, server.full_status), FailClosed(audit))
+                          Announce(socket_path, server.full_status, upstream_proxy),
+                          FailClosed(audit))
+        if parent is not None:
+            proxy.addons.add(parent)  # the parent's credentials on the CONNECTs sent to it
         try:
             opts.update(
                 # Nothing connects upstream before the policy has decided and pinned an address.

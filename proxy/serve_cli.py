@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from agent_egress.policy import load_policy
 from agent_egress.policy.files import DEFAULT_MANAGED_PATH, policy_file_trust
@@ -45,6 +47,13 @@ def add_parsers(commands: Any) -> None:
                        help="also accept SOCKS5 (for SSH, git over SSH, databases) on this "
                             "address, decided by the same policy (default: off; port 0 picks "
                             "one)")
+    serve.add_argument("--upstream-proxy", metavar="URL",
+                       help="a parent (corporate) proxy every allowed connection leaves "
+                            "through, http://[USER:PASS@]HOST:PORT (network.no_upstream names "
+                            "destinations reached directly)")
+    serve.add_argument("--upstream-proxy-auth", metavar="SOURCE",
+                       help="the parent proxy's USER:PASS from env:VAR, keyring:SERVICE/USER or "
+                            "file:PATH (never logged), instead of in the URL")
     serve.add_argument("--audit-log", metavar="FILE",
                        help="audit log, JSON lines ('-' for stdout; default "
                             "$XDG_STATE_HOME/agent-egress/audit.jsonl)")
@@ -92,6 +101,37 @@ def _listen_problem(host: str, port: int) -> str | None:
     return None
 
 
+def parent_proxy(url: str | None, auth_source: str | None
+                 ) -> tuple[tuple[str, int] | None, str | None]:
+    """--upstream-proxy and --upstream-proxy-auth: the parent's address and the
+    Proxy-Authorization value for it; ValueError says what is wrong (never the secret)."""
+    if not url:
+        if auth_source:
+            raise ValueError("--upstream-proxy-auth needs --upstream-proxy")
+        return None, None
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 3128
+    except ValueError:
+        port = -1
+    if parts.scheme != "http" or not parts.hostname or port < 1 or parts.path not in ("", "/"):
+        raise ValueError(f"--upstream-proxy: expected http://[USER:PASS@]HOST:PORT, got "
+                         f"{printable(urlunsplit(parts._replace(netloc=parts.hostname or '')))}")
+    credentials = (f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+                   if parts.username else None)
+    if auth_source:
+        from .secretstore import SecretError, read_secret
+
+        try:
+            credentials = read_secret("upstream proxy", auth_source)
+        except SecretError as exc:
+            raise ValueError(f"--upstream-proxy-auth: {exc}") from None
+    if credentials is not None and ":" not in credentials:
+        raise ValueError("the parent proxy's credentials must be USER:PASS")
+    token = base64.b64encode(credentials.encode()).decode() if credentials else None
+    return (parts.hostname, port), f"Basic {token}" if token else None
+
+
 def _free_port(host: str) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as probe:
@@ -117,6 +157,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if socks_port == 0 and port == 0 and socks_host == host:
             socks_port = _free_port(socks_host)  # mitmproxy refuses two servers on HOST:0
         socks_listen = f"{socks_host}:{socks_port}"
+    try:
+        upstream, authorization = parent_proxy(args.upstream_proxy, args.upstream_proxy_auth)
+    except ValueError as exc:
+        print(f"agent-egress: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     refusal, telemetry = _serve_preflight(args)
     if refusal is not None:
         return refusal
@@ -128,7 +173,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  approver_uids=args.approver_uid, agent_uid=args.agent_uid,
                  managed_owners=args.managed_owner, extra={"dns_timeout": args.dns_timeout},
                  ca_directory=args.ca_dir, explain_https=args.explain_https,
-                 socks_listen=socks_listen)
+                 socks_listen=socks_listen, upstream_proxy=upstream,
+                 upstream_authorization=authorization)
 
 
 def _serve_preflight(args: argparse.Namespace) -> tuple[int | None, Telemetry | None]:
