@@ -168,3 +168,31 @@ def test_a_bad_parent_proxy_setting_is_refused(tmp_path, args, message) -> None:
                              *args], env=env, capture_output=True, text=True, timeout=30,
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_an_intercepted_host_is_reached_through_the_parent_too(squid, tls_origin, ca_file,
+                                                               client_env,
+                                                               tmp_path_factory) -> None:
+    """A read_only host: the proxy opens its TLS, decides each request, and the requests it
+    allows go to the origin through the parent; a refused one goes nowhere."""
+    from test_interception import agent_env, intercept_policy
+
+    workdir = tmp_path_factory.mktemp("parent-intercepting")
+    process = ProxyProcess(workdir, intercept_policy(ca_file, tls_origin.port),
+                           "--upstream-proxy", f"http://127.0.0.1:{squid.port}",
+                           env={"XDG_DATA_HOME": str(workdir / "data")})
+    try:
+        env = agent_env(process, client_env)
+        before, origin_before = len(squid.lines()), tls_origin.connections
+        url = f"https://pypi.example.test:{tls_origin.port}/hello"
+        got = subprocess.run(["curl", "-sS", "--max-time", "20", "-x", process.url, url],
+                             env=env, capture_output=True, text=True, timeout=30)
+        assert got.stdout.startswith("hello from tls-origin"), got.stdout + got.stderr
+        posted = subprocess.run(["curl", "-sS", "--max-time", "20", "-x", process.url,
+                                 "-d", "x=1", url], env=env, capture_output=True, text=True,
+                                timeout=30)
+        assert "agent-egress blocked this request" in posted.stdout
+        _wait_for_line(squid, f"CONNECT pypi.example.test:{tls_origin.port}", before)
+        assert tls_origin.connections == origin_before + 1  # the GET's; the POST went nowhere
+    finally:
+        process.stop()
