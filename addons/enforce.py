@@ -241,7 +241,8 @@ class Enforcer:
                 address = sys.intern(str(resolution.addresses[0]))
                 self.pinning.pin(flow.client_conn, host, port, address, tunnel=tunnel)
         plain = not tunnel and self.pinning.tunnel(flow.client_conn) is None
-        if address is not None and not (refusal is None and self.parent is not None
+        # (Audit mode routes a would-be refusal as an allowed request: the same way out.)
+        if address is not None and not (self.parent is not None
                                         and self.parent.route(flow, decision.host, port, plain)):
             # Connect to exactly the checked address: no second lookup for rebinding to use.
             # (Setting .data.host leaves the Host header as the client sent it.)

@@ -43,6 +43,10 @@ class ParentProxy:
         via = self.via(host, port)
         if plain:
             flow.server_conn.via = via
+        if via is not None:
+            # The name as decided (normalised), never the agent's spelling: the parent would
+            # read "faß" or "0177.0.0.1" its own way. The Host header stays as sent.
+            flow.request.data.host = host
         return via is not None
 
     def wrap(self, context: Any, host: str, port: int,

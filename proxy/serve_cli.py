@@ -8,7 +8,7 @@ import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from agent_egress.policy import load_policy
 from agent_egress.policy.files import DEFAULT_MANAGED_PATH, policy_file_trust
@@ -111,12 +111,18 @@ def parent_proxy(url: str | None, auth_source: str | None
         return None, None
     parts = urlsplit(url)
     try:
-        port = parts.port or 3128
+        port = parts.port if parts.port is not None else 3128
     except ValueError:
         port = -1
-    if parts.scheme != "http" or not parts.hostname or port < 1 or parts.path not in ("", "/"):
-        raise ValueError(f"--upstream-proxy: expected http://[USER:PASS@]HOST:PORT, got "
-                         f"{printable(urlunsplit(parts._replace(netloc=parts.hostname or '')))}")
+    if (parts.scheme != "http" or not parts.hostname or not 0 < port < 65536
+            or parts.path not in ("", "/") or parts.query or parts.fragment):
+        # (Not echoed: a password could be in it.)
+        raise ValueError("--upstream-proxy: expected http://[USER:PASS@]HOST:PORT and nothing "
+                         "after the port")
+    if parts.username:
+        print("agent-egress: warning: credentials in --upstream-proxy are visible to every "
+              "local user in the process list; use --upstream-proxy-auth env:VAR (or "
+              "keyring:, file:)", file=sys.stderr)
     credentials = (f"{unquote(parts.username)}:{unquote(parts.password or '')}"
                    if parts.username else None)
     if auth_source:

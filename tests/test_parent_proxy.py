@@ -86,7 +86,9 @@ def egress(squid, tls_origin, plain_origin, tmp_path_factory) -> Iterator[ProxyP
     policy = policy_text(tls_origin.port, plain_origin.port,
                          extra='no_upstream = ["direct.test"]').replace(
         '"**.evil.test"]', '"**.evil.test", "direct.test"]').replace(
-        "[resolve]\n", '[resolve]\n"direct.test" = "127.0.0.1"\n')
+        '"*.pastebin.com"]', '"*.pastebin.com", "fass.evil.test"]').replace(
+        "[resolve]\n", '[resolve]\n"direct.test" = "127.0.0.1"\n'
+                        '"xn--fa-hia.evil.test" = "127.0.0.1"\n')
     process = ProxyProcess(tmp_path_factory.mktemp("parent"), policy,
                            "--socks-listen", "127.0.0.1:0",
                            "--upstream-proxy", f"http://127.0.0.1:{squid.port}",
@@ -143,6 +145,22 @@ def test_refused_destinations_never_reach_the_parent(egress, squid, plain_origin
     assert not [line for line in squid.lines()[before:] if "evil" in line]
 
 
+def test_the_parent_is_asked_for_the_name_decided_not_the_agents_spelling(
+        egress, squid, plain_origin) -> None:
+    """faß.evil.test is allowed (**.evil.test) as xn--fa-hia.evil.test; fass.evil.test is
+    denied. The parent must get the decided name: its own IDNA 2003 reading of "faß" is
+    "fass"."""
+    before = len(squid.lines())
+    sock = socket.create_connection(("127.0.0.1", egress.port), timeout=10)
+    sock.sendall(f"GET / HTTP/1.1\r\nHost: faß.evil.test:{plain_origin.port}\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    b"".join(iter(lambda: sock.recv(65536), b""))
+    sock.close()
+    line = _wait_for_line(squid, "CONNECT", before)
+    assert f"CONNECT xn--fa-hia.evil.test:{plain_origin.port}" in line
+    assert not [line for line in squid.lines()[before:] if "fass.evil.test" in line]
+
+
 def test_no_upstream_destinations_go_direct(egress, squid, plain_origin, client_env) -> None:
     before, origin_before = len(squid.lines()), plain_origin.connections
     direct = _curl(egress, client_env, f"http://direct.test:{plain_origin.port}/hello")
@@ -155,6 +173,8 @@ def test_no_upstream_destinations_go_direct(egress, squid, plain_origin, client_
 @pytest.mark.parametrize(("args", "message"), [
     (["--upstream-proxy", "socks5://127.0.0.1:1080"], "expected http://"),
     (["--upstream-proxy", "http://:3128"], "expected http://"),
+    (["--upstream-proxy", "http://proxy.test:0"], "expected http://"),
+    (["--upstream-proxy", "http://user:pa/ss-TOPSECRET@proxy.test:3128"], "expected http://"),
     (["--upstream-proxy-auth", "env:X"], "needs --upstream-proxy"),
     (["--upstream-proxy", "http://127.0.0.1:3128", "--upstream-proxy-auth", "env:UNSET_VAR"],
      "UNSET_VAR"),
@@ -168,6 +188,7 @@ def test_a_bad_parent_proxy_setting_is_refused(tmp_path, args, message) -> None:
                              *args], env=env, capture_output=True, text=True, timeout=30,
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and message in result.stderr
+    assert "TOPSECRET" not in result.stderr + result.stdout
 
 
 def test_an_intercepted_host_is_reached_through_the_parent_too(squid, tls_origin, ca_file,
