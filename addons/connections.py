@@ -8,6 +8,7 @@ connection handlers by client id (`connections`), each with the transports of it
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import select
 import weakref
@@ -44,8 +45,12 @@ def socks_mode_spec(listen: str | None = None) -> str | None:
     (addons/socks.py), chosen for the connections that arrive there."""
     if listen is None:  # the option, where the SOCKS port's addon declared it
         listen = getattr(getattr(ctx, "options", None), "socks_listen", "")
-    if not listen:
-        return None
+    return _mode_spec(listen) if listen else None
+
+
+@functools.lru_cache(maxsize=4)
+def _mode_spec(listen: str) -> str:
+    """Parsed once per value: `is_socks` asks on every connection and decision."""
     host, _, port = listen.rpartition(":")
     return f"regular@{host.strip('[]')}:{port}"
 

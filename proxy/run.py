@@ -213,8 +213,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     isolation = None
     if args.isolate:  # the command reaches the proxy through a bridge inside its namespace
-        isolation = Isolation({"http": url, **({"socks": socks} if socks else {})},
-                              args.isolate)
+        try:
+            isolation = Isolation({"http": url, **({"socks": socks} if socks else {})},
+                                  args.isolate)
+        except OSError as exc:
+            print(f"agent-egress run: cannot set up the bridge to the proxy: {exc}",
+                  file=sys.stderr)
+            _stop(started)
+            return 2
         url, socks = inside_url(url), inside_url(socks) if socks else None
     env = {**os.environ, **placeholders, **proxy_environment(
         with_agent(url, args.agent_id), with_agent(socks, args.agent_id) if socks else None)}

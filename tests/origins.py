@@ -7,9 +7,11 @@ reached it.
 from __future__ import annotations
 
 import http.server
+import socket
 import ssl
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 SMART_GIT = "/smart/"  # paths under it are served by git-http-backend (git's smart HTTP)
@@ -168,3 +170,22 @@ class CountingServer(http.server.ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server the test starts by its port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_listening(port: int, timeout: float) -> bool:
+    """Whether a server started by the test accepts connections on 127.0.0.1:port in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False

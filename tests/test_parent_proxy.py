@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import socksclient
 from conftest import TLS_NAMES, policy_text
+from origins import free_port, wait_listening
 from proxyproc import ProxyProcess
 
 SQUID = shutil.which("squid") or "/usr/sbin/squid"
@@ -42,9 +43,7 @@ def squid() -> Iterator[Squid]:
     # Squid started as root works as its own user, which cannot enter pytest's 0700 temp tree.
     directory = Path(tempfile.mkdtemp(prefix="agent-egress-squid-"))
     directory.chmod(0o777)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     hosts = directory / "hosts"
     hosts.write_text("127.0.0.1 " + " ".join([*TLS_NAMES, "direct.test"]) + "\n")
     hosts.chmod(0o644)
@@ -65,14 +64,7 @@ shutdown_lifetime 1 seconds
 """)
     process = subprocess.Popen([SQUID, "-N", "-f", str(config)], stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
+    if not wait_listening(port, 20):
         process.kill()
         pytest.fail("squid did not start")
     yield Squid(port, log)

@@ -13,15 +13,14 @@ import getpass
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from origins import free_port, wait_listening
 
 SSHD = Path("/usr/sbin/sshd")
 pytestmark = pytest.mark.skipif(not SSHD.exists() or shutil.which("ssh") is None,
@@ -43,12 +42,6 @@ class Sshd:
         return self.log.read_text(errors="replace").count("Connection from ")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _keygen(path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
                    check=True, stdin=subprocess.DEVNULL)
@@ -57,7 +50,7 @@ def _keygen(path: Path) -> None:
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory) -> Iterator[Sshd]:
     directory = tmp_path_factory.mktemp("sshd")
-    port = _free_port()
+    port = free_port()
     _keygen(directory / "host_key")
     _keygen(directory / "client_key")
     (directory / "authorized_keys").write_text((directory / "client_key.pub").read_text())
@@ -82,14 +75,7 @@ LogLevel VERBOSE
     log = directory / "sshd.log"
     process = subprocess.Popen([str(SSHD), "-D", "-f", str(config), "-E", str(log)],
                                stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    else:
+    if not wait_listening(port, 10):
         process.kill()
         pytest.fail(f"sshd did not start: {log.read_text() if log.exists() else ''}")
     yield Sshd(port, directory, log, directory / "client_key", known_hosts, process)
