@@ -1,9 +1,10 @@
 """Holding requests to unknown destinations until a person decides.
 
-Requests for the same host and port share one pending approval; one decision releases them all.
-A pending approval lives at most ``approval_timeout`` seconds from when it was opened. When its
-last waiting client gives up, it stays listed (marked as such) until then, so a person can still
-decide for the client's retry; nothing outlives the deadline.
+Requests for the same host and port share one pending approval (in a fleet, with the other
+proxies': addons/fleet.py); one decision releases them all. It lives at most
+``approval_timeout`` seconds from when it was opened. When its last waiting client gives up,
+it stays listed (marked as such) until then, so a person can still decide for the client's
+retry; nothing outlives the deadline.
 
 How many may be pending is bounded, in all and per agent: past that, a new destination is
 refused at once rather than queued, so one agent cannot bury the person deciding (nor every
@@ -13,9 +14,6 @@ watching approver) under thousands of requests.
 from __future__ import annotations
 
 import asyncio
-import re
-import secrets
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -31,21 +29,20 @@ from mitmproxy import http
 
 from . import connections
 from .auditlog import AuditLog
-from .events import client_text, logged_path, request_scheme
 from .pending import (
+    CLIENT_CHECK_INTERVAL,
     ApprovalError,
     Pending,
     Verdict,
     Waiter,
     check_decision,
-    client_gone,
+    drop_gone,
     find_pending,
+    open_pending,
     owners_of,
     queue_full,
+    still_asked,
 )
-
-_PENDING_ID = re.compile(r"[0-9a-f]{8}")
-_CLIENT_CHECK_INTERVAL = 0.25
 
 
 class Approvals:
@@ -53,12 +50,15 @@ class Approvals:
 
     def __init__(self, audit: AuditLog,
                  write_rule: Callable[[Action, str, int | None], str] | None = None,
-                 reload_policy: Callable[[], object] | None = None) -> None:
+                 reload_policy: Callable[[], object] | None = None,
+                 unavailable: Callable[[], str | None] = lambda: None) -> None:
         """``write_rule`` writes an `always` decision to the user policy file (its path);
-        ``reload_policy`` then loads it. Without them, `always` is refused."""
+        ``reload_policy`` then loads it. Without them, `always` is refused. ``unavailable``:
+        why nobody can be asked now (a fleet's shared state unreachable), else None."""
         self.audit = audit
         self.write_rule = write_rule
         self.reload_policy = reload_policy
+        self.unavailable = unavailable
         self.pending: dict[tuple[str, int, str], Pending] = {}  # (host, port, request) -> ...
         self._by_id: dict[str, Pending] = {}
         self._session: dict[str, dict[int | None, Verdict]] = {}  # host -> port|None -> verdict
@@ -81,8 +81,8 @@ class Approvals:
         verdict = (ports.get(port) or ports.get(None)) if ports else None
         return None if verdict and verdict.connect_only and not connect else verdict
 
-    def is_pending(self, approval_id: str) -> bool:
-        return approval_id in self._by_id
+    def get(self, approval_id: str) -> Pending | None:
+        return self._by_id.get(approval_id)
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = asyncio.get_running_loop().time()
@@ -115,6 +115,31 @@ class Approvals:
         pending.review = review
         self._notify("pending.updated", pending)
 
+    def adopt(self, approval_id: str, shared_id: str, left: float) -> None:
+        """Join a fleet's pending approval for the same destination: its id, and its deadline
+        when sooner than ours."""
+        if (pending := self._by_id.pop(approval_id, None)) is None:
+            return
+        self.audit.emit("approval.joined", approval_id=shared_id, local_id=approval_id,
+                        host=pending.host, port=pending.port)
+        pending.id, self._by_id[shared_id] = shared_id, pending
+        if left < pending.left() and pending.timer is not None:
+            pending.timer.cancel()
+            pending.deadline = asyncio.get_running_loop().time() + left
+            pending.timer = asyncio.get_running_loop().call_at(pending.deadline, self._expire,
+                                                               pending)
+        self._notify("pending.updated", pending)
+
+    def refuse(self, approval_id: str, why: str) -> None:
+        """Close a pending approval nobody can be asked about (the shared state failed)."""
+        if (pending := self._by_id.get(approval_id)) is None:
+            return
+        self.audit.emit("approval.decided", approval_id=approval_id, host=pending.host,
+                        port=pending.port, decision="deny", scope="unavailable", actor="state",
+                        released=len(pending.waiters), wait_ms=pending.waited_ms())
+        self._close(pending, Verdict(Action.DENY, "unavailable", "state", approval_id, why),
+                    "unavailable")
+
     # -- holding ---------------------------------------------------------------------------
 
     def admit(self, flow: http.HTTPFlow, decision: Decision, agent: str | None,
@@ -126,6 +151,8 @@ class Approvals:
         """
         if (decision.host, decision.port, request) in self.pending:
             return None
+        if why := self.unavailable():
+            return Verdict(Action.DENY, "unavailable", "state", detail=why)
         return queue_full(len(self.pending), self._per_owner, owners_of(flow, agent),
                           max_pending, max_per_agent)
 
@@ -141,18 +168,9 @@ class Approvals:
         key = (decision.host, decision.port, asked)
         pending = self.pending.get(key)
         request = flow.request
-        is_connect = request.method == "CONNECT"
         if pending is None:
-            pending = Pending(
-                id=secrets.token_hex(4), host=decision.host, port=decision.port,
-                scheme=request_scheme(flow),
-                method=None if is_connect else request.method,
-                path=None if is_connect else logged_path(request.path),
-                client=client_text(flow.client_conn) or "", agent=agent,
-                owners=owners_of(flow, agent), opened=time.time(),
-                deadline=loop.time() + timeout, request=asked,
-                rule=decision.rule.text if asked and decision.rule else None, review=review,
-            )
+            pending = open_pending(flow, decision, agent, asked, review,
+                                   deadline=loop.time() + timeout)
             self._per_owner.update(pending.owners)
             pending.timer = loop.call_at(pending.deadline, self._expire, pending)
             self.pending[key] = pending
@@ -184,16 +202,10 @@ class Approvals:
     async def _watch_clients(self) -> None:
         """Drop waiters whose client hung up, so nothing waits for a connection that is gone."""
         while self.pending:
-            await asyncio.sleep(_CLIENT_CHECK_INTERVAL)
+            await asyncio.sleep(CLIENT_CHECK_INTERVAL)
             for pending in list(self.pending.values()):
-                gone = [w for w in pending.waiters if client_gone(w.client)]
-                if not gone:
-                    continue
-                for waiter in gone:
-                    pending.waiters.remove(waiter)
-                    if not waiter.future.done():
-                        waiter.future.set_result(None)
-                self._notify("pending.updated", pending)
+                if drop_gone(pending):
+                    self._notify("pending.updated", pending)
 
     def _expire(self, pending: Pending) -> None:
         if self.pending.get(pending.key) is not pending:
@@ -262,8 +274,7 @@ class Approvals:
                 written = self.write_rule(action, host, port)
             except PolicyError as exc:
                 raise ApprovalError("write_failed", f"{exc}; nothing was decided") from None
-        released = 0
-        ids = []
+        released, ids = 0, []
         for pending in matches or [None]:
             verdict = Verdict(action, scope, actor, pending.id if pending else None, detail,
                               connect_only)
@@ -286,8 +297,7 @@ class Approvals:
         if written is None:
             return result
         try:
-            assert self.reload_policy is not None
-            self.reload_policy()
+            self.reload_policy()  # type: ignore[misc]  (checked with write_rule above)
         except PolicyError as exc:  # written and decided; the reload's failure is reported
             result["reload_failed"] = str(exc)
         return {**result, "written": written}
@@ -298,12 +308,7 @@ class Approvals:
         self.allowed_scopes = policy.settings.approval_scopes
         self._session_requests.clear()  # decided under rules that may have changed
         for pending in list(self.pending.values()):
-            if pending.request:
-                method, _, path = pending.request.partition(" ")
-                still = policy.decide_request(pending.host, pending.port, method, path)
-            else:
-                still = policy.decide(pending.host, pending.port)
-            if still.action is not Action.ASK:
+            if not still_asked(policy, pending):
                 self.audit.emit("approval.decided", approval_id=pending.id, host=pending.host,
                                 port=pending.port, scope="reload", actor="policy",
                                 released=len(pending.waiters))

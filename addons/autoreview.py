@@ -186,7 +186,7 @@ class AutoReview:
             self._queued += 1
             try:
                 async with self._model_calls:  # a flood of held names queues, not of calls
-                    if not self.approvals.is_pending(approval_id):
+                    if self.approvals.get(approval_id) is None:
                         return None  # decided (or expired) while it waited: nothing to ask
                     answer = await model.review(review_data(asked, rules, self.recent.of(who)))
             finally:

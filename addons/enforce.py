@@ -58,11 +58,12 @@ class Enforcer:
 
     def __init__(self, audit: AuditLog, pinning: UpstreamPinning, approvals: Approvals,
                  discard_body: Callable[[http.Request], None] = lambda request: None,
-                 review: AutoReview | None = None, parent: ParentProxy | None = None) -> None:
+                 review: AutoReview | None = None, parent: ParentProxy | None = None,
+                 shared_rules: Callable[[], Sequence[tuple[str, str]]] = tuple) -> None:
         self.audit = audit
+        self.shared_rules = shared_rules  # a fleet's `always` decisions, joining the user layer
         self.parent = parent  # the corporate proxy allowed requests leave through (the name)
-        self.pinning = pinning
-        self.approvals = approvals
+        self.pinning, self.approvals = pinning, approvals
         self.review = review  # answers held destinations before a person, when enabled
         self.discard_body = discard_body  # a refused request's body is read and dropped
         self.policy: CompiledPolicy | None = None
@@ -90,7 +91,8 @@ class Enforcer:
         signature = files_signature((ctx.options.policy_file, ctx.options.managed_policy_file))
         policy = load_policy(ctx.options.policy_file or None,
                              resolve=ctx.options.resolve_overrides,
-                             managed=ctx.options.managed_policy_file or None)
+                             managed=ctx.options.managed_policy_file or None,
+                             shared=self.shared_rules())
         self.policy = policy
         self.loaded_from = signature
         self.audit.emit("policy.loaded", policy=ctx.options.policy_file or "built-in",
@@ -101,8 +103,7 @@ class Enforcer:
         return policy
 
     def write_rule(self, action: Action, host: str, port: int | None) -> str:
-        """Write an `always` decision to the user policy file; its path (PolicyError if it
-        cannot be written). `load_written` then starts using it."""
+        """Write an `always` decision to the user policy file: its path (or PolicyError)."""
         from agent_egress.policy.writer import add_rule_to_file, rule_pattern  # tomlkit
 
         assert self.policy is not None
@@ -114,8 +115,7 @@ class Enforcer:
         return str(path)
 
     def load_written(self) -> None:
-        """Load the user policy file `write_rule` wrote (the first one turns a built-in policy
-        into a user file: the option changes, which reloads)."""
+        """Load the user file `write_rule` wrote (the first turns the built-in policy into it)."""
         if self._written and ctx.options.policy_file != self._written:
             ctx.options.update(policy_file=self._written)
         else:

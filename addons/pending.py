@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 from agent_egress.policy import (
     SCOPES,
     Action,
+    CompiledPolicy,
     Decision,
     InvalidHost,
     Reason,
@@ -24,8 +26,10 @@ from mitmproxy import connection, http
 from mitmproxy.connection import ConnectionState
 
 from . import connections
+from .events import client_text, logged_path, request_scheme
 
 _PENDING_ID = re.compile(r"[0-9a-f]{8}")
+CLIENT_CHECK_INTERVAL = 0.25  # seconds between checks for waiting clients that hung up
 
 
 class ApprovalError(Exception):
@@ -76,6 +80,10 @@ class Pending:
     @property
     def key(self) -> tuple[str, int, str]:
         return self.host, self.port, self.request
+
+    def left(self) -> float:
+        """Seconds until it expires."""
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
 
     def waited_ms(self) -> float:
         return round((time.time() - self.opened) * 1000, 1)
@@ -148,6 +156,9 @@ def verdict_decision(held: Decision, verdict: Verdict, timeout: float) -> Decisi
     if verdict.scope == "queue_full":
         return held._replace(action=Action.DENY, reason=Reason.APPROVAL_QUEUE_FULL,
                              detail=verdict.detail)
+    if verdict.scope == "unavailable":
+        return held._replace(action=Action.DENY, reason=Reason.APPROVAL_UNAVAILABLE,
+                             detail=verdict.detail)
     if verdict.scope == "timeout":
         return held._replace(
             action=Action.DENY, reason=Reason.APPROVAL_TIMEOUT,
@@ -180,3 +191,35 @@ def owners_of(flow: http.HTTPFlow, agent: str | None) -> tuple[str, ...]:
     Both, so a new name per request does not reset the count."""
     client = f"client {connections.client_key(flow.client_conn)}"
     return (client, f"agent {agent}") if agent else (client,)
+
+
+def drop_gone(pending: Pending) -> bool:
+    """Release the waiters whose client hung up (True if there were any)."""
+    gone = [w for w in pending.waiters if client_gone(w.client)]
+    for waiter in gone:
+        pending.waiters.remove(waiter)
+        if not waiter.future.done():
+            waiter.future.set_result(None)
+    return bool(gone)
+
+
+def still_asked(policy: CompiledPolicy, pending: Pending) -> bool:
+    """Whether a (re)loaded policy still leaves this pending approval to a person."""
+    if pending.request:
+        method, _, path = pending.request.partition(" ")
+        return policy.decide_request(pending.host, pending.port, method, path).action is Action.ASK
+    return policy.decide(pending.host, pending.port).action is Action.ASK
+
+
+def open_pending(flow: http.HTTPFlow, decision: Decision, agent: str | None, asked: str,
+                 review: dict[str, Any] | None, deadline: float) -> Pending:
+    """A new pending approval for this request (``asked``: "METHOD /path" of an ask rule)."""
+    request = flow.request
+    is_connect = request.method == "CONNECT"
+    return Pending(
+        id=secrets.token_hex(4), host=decision.host, port=decision.port,
+        scheme=request_scheme(flow), method=None if is_connect else request.method,
+        path=None if is_connect else logged_path(request.path),
+        client=client_text(flow.client_conn) or "", agent=agent,
+        owners=owners_of(flow, agent), opened=time.time(), deadline=deadline, request=asked,
+        rule=decision.rule.text if asked and decision.rule else None, review=review)

@@ -14,6 +14,7 @@ _X_PROXY_ERROR = {
     Reason.NEEDS_APPROVAL: "blocked-by-allowlist",
     Reason.APPROVAL_TIMEOUT: "blocked-by-allowlist",
     Reason.APPROVAL_QUEUE_FULL: "blocked-by-allowlist",
+    Reason.APPROVAL_UNAVAILABLE: "blocked-by-allowlist",
 }
 
 

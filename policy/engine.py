@@ -30,6 +30,9 @@ class Action(StrEnum):
     ASK = "ask"
 
 
+DEFAULT_PORTS = frozenset({80, 443})
+
+
 class Reason(StrEnum):
     """Machine-readable reason codes; the event schema documents each."""
 
@@ -50,6 +53,7 @@ class Reason(StrEnum):
     DENIED_BY_APPROVER = "denied_by_approver"
     APPROVAL_TIMEOUT = "approval_timeout"
     APPROVAL_QUEUE_FULL = "approval_queue_full"
+    APPROVAL_UNAVAILABLE = "approval_unavailable"  # a fleet's shared approval state is down
     TUNNEL_PROTOCOL = "tunnel_protocol"  # bytes in a tunnel that are not what the rule allows
     PROXY_PROTOCOL = "proxy_protocol"  # something other than HTTP/1 spoken to the proxy port
     INVALID_AGENT = "invalid_agent"
@@ -341,7 +345,7 @@ class Settings:
     """The effective non-rule settings, after layering."""
 
     default: Action = Action.ASK
-    ports: frozenset[int] = frozenset({80, 443})
+    ports: frozenset[int] = DEFAULT_PORTS
     allow_ip_literals: bool = False
     allow_ech: bool = False
     block_private: bool = True

@@ -44,16 +44,30 @@ def builtin_policy_text() -> str:
 
 
 def load_policy(path: str | Path | None, *, resolve: Sequence[str] = (),
-                managed: str | Path | None = None) -> CompiledPolicy:
+                managed: str | Path | None = None,
+                shared: Sequence[tuple[str, str]] = ()) -> CompiledPolicy:
     """Load and compile the user policy (the built-in default when path is None), under the
     managed policy when one is given. ``resolve`` adds ``HOST=ADDR`` overrides, like
-    ``serve --resolve``. Raises PolicyError for a file that is invalid as a whole; requirement
-    violations are in the result's ``problems``.
+    ``serve --resolve``; ``shared``, (action, pattern) rules a fleet decided `always`, which
+    join the user layer (bounded by the managed policy like its own rules). Raises PolicyError
+    for a file that is invalid as a whole; requirement violations are in ``problems``.
     """
     user = read_policy_file(path) if path is not None else parse_policy_text(
         builtin_policy_text(), BUILTIN)
+    if shared:
+        user = with_rules(user, shared)
     managed_file = read_policy_file(managed) if managed is not None else None
     return compile_layers(user, managed_file, cli_resolve(resolve))
+
+
+def with_rules(parsed: ParsedFile, rules: Sequence[tuple[str, str]]) -> ParsedFile:
+    """The file with these (action, pattern) rules added to its allow and deny lists."""
+    network = parsed.model.network
+    added = {action: [p for a, p in rules if a == action and p not in getattr(network, action)]
+             for action in ("allow", "deny")}
+    network = network.model_copy(update={action: getattr(network, action) + patterns
+                                          for action, patterns in added.items()})
+    return parsed._replace(model=parsed.model.model_copy(update={"network": network}))
 
 
 def read_policy_file(path: str | Path) -> ParsedFile:

@@ -11,6 +11,7 @@ from typing import Any
 from agent_egress.policy import SCOPES
 
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
+from .approver import add_state_option, approval_client
 from .paths import default_socket_path
 from .textsafe import host_display, printable
 from .watch_cli import cmd_watch
@@ -30,6 +31,7 @@ def add_parsers(commands: Any) -> None:
                     "and the time left before they are denied. Decide with approve or deny.")
     pending.add_argument("--json", action="store_true", help="machine-readable output")
     add_socket_option(pending)
+    add_state_option(pending)
     pending.set_defaults(handler=cmd_pending)
     for name, verb in (("approve", "allow"), ("deny", "deny")):
         decide = commands.add_parser(
@@ -47,6 +49,7 @@ def add_parsers(commands: Any) -> None:
                                 help="instead: resume auto-review for AGENT after its "
                                      "auto-denials paused it ('*': for every agent)")
         add_socket_option(decide)
+        add_state_option(decide)
         decide.set_defaults(handler=cmd_decide, decision=verb, resume_auto=None)
     watch = commands.add_parser(
         "watch", help="answer approvals interactively as they arrive",
@@ -55,15 +58,12 @@ def add_parsers(commands: Any) -> None:
                     "policy), d (deny), k (skip), q (quit). Without a terminal, lists what "
                     "waits and exits.")
     add_socket_option(watch)
+    add_state_option(watch)
     watch.set_defaults(handler=cmd_watch)
 
 
-def _socket(args: argparse.Namespace) -> Path:
-    return find_socket(args.approval_socket)
-
-
 def cmd_pending(args: argparse.Namespace) -> int:
-    with ApprovalClient(_socket(args)) as client:
+    with approval_client(args) as client:
         reply = client.request("list")
     pending = reply["pending"]
     if args.json:
@@ -79,7 +79,7 @@ def cmd_pending(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    with ApprovalClient(_socket(args)) as client:
+    with ApprovalClient(find_socket(args.approval_socket)) as client:
         resumed = client.request("resume_auto", agent=args.resume_auto)["resumed"]
     if not resumed:
         print(f"auto-review was not paused for {printable(args.resume_auto)}")
@@ -97,7 +97,7 @@ def cmd_decide(args: argparse.Namespace) -> int:
         raise SystemExit("agent-egress approve: give the pending ID or HOST[:PORT] to approve "
                          "('agent-egress pending' lists them), or --resume-auto AGENT")
     decision = args.decision
-    with ApprovalClient(_socket(args)) as client:
+    with approval_client(args) as client:
         try:
             result = client.request("decide", target=args.target, decision=decision,
                                     scope=args.scope)
@@ -112,8 +112,21 @@ def cmd_decide(args: argparse.Namespace) -> int:
                 print("  (no requests are waiting for approval)", file=sys.stderr)
             return 1
     target = host_display(result["host"], result.get("port") or None)
+    if result.get("fleet"):
+        print(_fleet_outcome(decision, target, result))
+        return 0
     print(f"{decision} {target} ({result['scope']}): released {result['released']} "
           f"waiting request{'s' if result['released'] != 1 else ''}"
           + (f"; rule written to {printable(result['written'])}" if result.get("written")
              else ""))
     return 0
+
+
+def _fleet_outcome(decision: str, target: str, result: dict[str, Any]) -> str:
+    """A fleet decision: recorded in the shared state; each proxy releases its own requests."""
+    held = len(result["ids"])
+    where = " (stored in the shared state)" if result["scope"] in ("session", "always") else ""
+    return (f"{decision} {target} ({result['scope']}){where}: {held} held destination"
+            f"{'s' if held != 1 else ''} decided for the fleet; sent to "
+            f"{result['delivered']} subscriber{'s' if result['delivered'] != 1 else ''} "
+            "(proxies and watchers)")

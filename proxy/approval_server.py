@@ -82,8 +82,11 @@ class ApprovalServer:
                  status: Callable[[], dict[str, Any]] | None = None,
                  agent_uid: int | None = None,
                  explain: Callable[[str], Awaitable[dict[str, Any]]] | None = None,
-                 review: AutoReview | None = None) -> None:
+                 review: AutoReview | None = None,
+                 fleet_decide: Callable[[str, str, str, str], Awaitable[dict[str, Any]]]
+                 | None = None) -> None:
         self.approvals = approvals
+        self.fleet_decide = fleet_decide  # serve --state: decisions go to every proxy
         self.review = review
         self.status = status
         self.audit = audit
@@ -232,7 +235,10 @@ class ApprovalServer:
                 return _error("bad_request",
                               "decide needs string fields target, decision and scope"), False
             try:
-                result = self.approvals.decide(target, decision, scope, actor=f"uid:{uid}")
+                if self.fleet_decide is not None:  # for every proxy on the shared state
+                    result = await self.fleet_decide(target, decision, scope, f"uid:{uid}")
+                else:
+                    result = self.approvals.decide(target, decision, scope, actor=f"uid:{uid}")
             except ApprovalError as exc:
                 return _error(exc.code, str(exc)), False
             return _reply(**result), False

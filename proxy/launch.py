@@ -17,6 +17,7 @@ from agent_egress.policy import CompiledPolicy, load_policy
 
 from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
+from .approver import state_lines
 from .ca import CAError, LocalCA, data_dir
 from .ca_cli import add_ca_dir_option, local_ca
 from .connect_cli import ssh_environment
@@ -156,6 +157,8 @@ def cmd_health(args: argparse.Namespace) -> int:
         print(f"approvals: {printable(separation)}")
     for warning in status.get("file_warnings") or ():
         print(f"WARNING: {printable(warning)}")
+    for line in state_lines(status):
+        print(line)
     return 0
 
 

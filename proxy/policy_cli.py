@@ -17,6 +17,7 @@ from agent_egress.policy.requests import RequestPolicy
 
 from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
+from .approver import state_lines
 from .paths import managed_policy_file, user_policy_file
 from .textsafe import host_display, printable, printable_lines
 
@@ -258,6 +259,8 @@ def _print_running(running: dict[str, Any]) -> None:
         print(f"  SOCKS5 port: {printable(', '.join(socks))}")
     for warning in running.get("file_warnings") or ():
         print(f"  WARNING: {printable(warning)}")
+    for line in state_lines(running):
+        print(f"  {line}")
 
 
 def _running_status(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ from agent_egress.addons.connections import address_text, listen_addresses
 from agent_egress.addons.credentials import CredentialBroker, CredentialSwap
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.addons.failclosed import FailClosed
+from agent_egress.addons.fleet import FleetState
 from agent_egress.addons.identity import AgentIdentity
 from agent_egress.addons.intercept import ExplainedRefusals, Interception
 from agent_egress.addons.limits import ClientLimits
@@ -29,7 +30,7 @@ from agent_egress.addons.socks import SocksPort
 from agent_egress.addons.tunnels import Tunnels
 from agent_egress.addons.upstream import ParentProxy
 from agent_egress.policy import BUILTIN, CompiledPolicy
-from agent_egress.policy.engine import AutoReviewPolicy
+from agent_egress.policy.engine import DEFAULT_PORTS, AutoReviewPolicy
 from mitmproxy import ctx, exceptions, options
 
 from .approval_server import ApprovalServer, SocketSetupError
@@ -125,7 +126,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
           extra: dict[str, Any] | None = None, ca_directory: Path | None = None,
           explain_https: bool = False, socks_listen: str = "",
           upstream_proxy: tuple[str, int] | None = None,
-          upstream_authorization: str | None = None) -> int:
+          upstream_authorization: str | None = None, state_url: str = "") -> int:
     local_ca = LazyCA(ca_directory)
 
     async def main() -> int:
@@ -136,9 +137,16 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         parent = (ParentProxy(lambda: enforcer.policy, upstream_proxy, upstream_authorization)
                   if upstream_proxy else None)
         pinning = UpstreamPinning(parent.is_parent) if parent else UpstreamPinning()
-        # `always` decisions are written and loaded by the enforcer, created just below.
-        approvals = Approvals(audit, write_rule=lambda *rule: enforcer.write_rule(*rule),
-                              reload_policy=lambda: enforcer.load_written())
+        # `always` decisions are written and loaded by the enforcer, created just below; in a
+        # fleet (serve --state) they are in Redis, and join the user layer from there.
+        if state_url:
+            approvals = Approvals(audit, write_rule=lambda *rule: fleet.written(*rule),
+                                  reload_policy=lambda: enforcer.reload(),
+                                  unavailable=lambda: fleet.unavailable())
+        else:
+            approvals = Approvals(audit, write_rule=lambda *rule: enforcer.write_rule(*rule),
+                                  reload_policy=lambda: enforcer.load_written())
+        fleet = FleetState(audit, approvals, reload_policy=lambda: enforcer.reload())
         def policy() -> CompiledPolicy | None:
             return enforcer.policy
 
@@ -149,7 +157,9 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         port = ProxyPort(audit, interception.upstream_failure)
         review = AutoReview(audit, approvals, policy, model_factory=review_model)
         enforcer = Enforcer(audit, pinning, approvals, discard_body=port.discard_body,
-                            review=review, parent=parent)
+                            review=review, parent=parent,
+                            shared_rules=lambda: fleet.rules(enforcer.policy.settings.ports
+                                                             if enforcer.policy else DEFAULT_PORTS))
         reloader = PolicyReload(enforcer, audit)
         tunnels = Tunnels(audit, pinning, policy, port.http_layer, interception, parent)
         audit.before_stop(tunnels.proxy_stopping)
@@ -175,10 +185,12 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
 
         def status() -> dict[str, Any]:
             broker.sync(enforcer.policy)  # secrets read (and placeholders made) at start
-            return {**reloader.status(), "agent_environment": vault.environment()}
+            return {**reloader.status(), **fleet.status(),
+                    "agent_environment": vault.environment()}
 
         server = ApprovalServer(approvals, audit, socket_path, approver_uids, status=status,
-                                agent_uid=agent_uid, explain=explain_running, review=review)
+                                agent_uid=agent_uid, explain=explain_running, review=review,
+                                fleet_decide=fleet.decide if state_url else None)
         # Order matters: identity and ClientLimits (a complete head stops its deadline, before
         # a request may be held) before the enforcer; requests in a tunnel kept to explain its
         # refusal are answered before the enforcer too (never held again), and a misdirected
@@ -195,6 +207,8 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
                           FailClosed(audit))
         if parent is not None:
             proxy.addons.add(parent)  # the parent's credentials on the CONNECTs sent to it
+        if state_url:
+            proxy.addons.add(fleet)  # shared approvals: on no request's path, only held ones'
         try:
             opts.update(
                 # Nothing connects upstream before the policy has decided and pinned an address.
@@ -211,6 +225,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
                 managed_owners=list(managed_owners),
                 agent_uid=-1 if agent_uid is None else agent_uid,
                 socks_listen=socks_listen,
+                **({"state_url": state_url} if state_url else {}),
                 **(extra or {}),
             )
         except exceptions.OptionsError as exc:

@@ -54,6 +54,13 @@ def add_parsers(commands: Any) -> None:
     serve.add_argument("--upstream-proxy-auth", metavar="SOURCE",
                        help="the parent proxy's USER:PASS from env:VAR, keyring:SERVICE/USER or "
                             "file:PATH (never logged), instead of in the URL")
+    serve.add_argument("--state", metavar="URL",
+                       help="share pending approvals, session grants and `always` decisions "
+                            "with every proxy on this Redis: redis://[USER:PASS@]HOST:PORT/DB "
+                            "(docs/fleet.md; default: this proxy alone)")
+    serve.add_argument("--state-session-ttl", metavar="SECONDS", type=float,
+                       default=12 * 3600,
+                       help="how long a fleet 'session' decision lasts (default 43200: 12 h)")
     serve.add_argument("--audit-log", metavar="FILE",
                        help="audit log, JSON lines ('-' for stdout; default "
                             "$XDG_STATE_HOME/agent-egress/audit.jsonl)")
@@ -177,7 +184,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  audit_log=args.audit_log, resolve=args.resolve,
                  socket_path=args.approval_socket or default_socket_path(),
                  approver_uids=args.approver_uid, agent_uid=args.agent_uid,
-                 managed_owners=args.managed_owner, extra={"dns_timeout": args.dns_timeout},
+                 managed_owners=args.managed_owner,
+                 extra={"dns_timeout": args.dns_timeout,
+                        "state_session_ttl": args.state_session_ttl} if args.state else
+                 {"dns_timeout": args.dns_timeout}, state_url=args.state or "",
                  ca_directory=args.ca_dir, explain_https=args.explain_https,
                  socks_listen=socks_listen, upstream_proxy=upstream,
                  upstream_authorization=authorization)

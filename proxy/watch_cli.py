@@ -17,7 +17,8 @@ import tty
 from collections.abc import Iterator
 from typing import Any
 
-from .approval_client import ApprovalClient, find_socket
+from .approval_client import ApprovalClient
+from .approver import approval_client, where
 from .textsafe import printable
 from .watch_screen import WatchScreen, describe, paused_lines
 
@@ -44,8 +45,7 @@ def _cbreak(fd: int) -> Iterator[None]:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    path = find_socket(args.approval_socket)
-    with ApprovalClient(path, timeout=None) as client:
+    with approval_client(args, timeout=None) as client:
         reply = client.request("subscribe")
         queue: list[dict[str, Any]] = reply["pending"]
         paused = reply.get("auto_review_paused") or []
@@ -60,7 +60,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                   "ask; use 'agent-egress approve ID' or 'agent-egress deny ID' from scripts",
                   file=sys.stderr)
             return 0
-        print(f"watching {printable(path)} (Ctrl-C or q to stop)", flush=True)
+        print(f"watching {printable(where(client))} (Ctrl-C or q to stop)", flush=True)
         with _cbreak(sys.stdin.fileno()):
             return _Watch(client, queue, paused).loop()
 
