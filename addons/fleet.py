@@ -158,7 +158,10 @@ class FleetState:
     # -- `always` decisions ----------------------------------------------------------------
 
     def rules(self, ports: frozenset[int]) -> list[tuple[str, str]]:
-        """The fleet's `always` decisions as (action, pattern), for the user layer."""
+        """The fleet's `always` decisions as (action, pattern), for the user layer; none
+        where the managed policy does not allow `always` decisions."""
+        if "always" not in self.approvals.allowed_scopes:
+            return []
         patterns = []
         for rule in self._rules:
             port = rule.get("port")
@@ -168,6 +171,12 @@ class FleetState:
         return patterns
 
     async def _load_rules(self) -> None:
+        if await self._fetch_rules():
+            self.reload_policy()
+
+    async def _fetch_rules(self) -> bool:
+        """Read the fleet's `always` decisions (whether they changed); invalid ones are
+        ignored, with an event."""
         valid = []
         for rule in await state.always_rules(self.redis):
             try:
@@ -182,9 +191,8 @@ class FleetState:
                 self.audit.emit("state.rule_ignored", rule=str(rule)[:200], error=str(exc))
                 continue
             valid.append({**rule, "host": host})
-        if valid != self._rules:
-            self._rules = valid
-            self.reload_policy()
+        changed, self._rules = valid != self._rules, valid
+        return changed
 
     def written(self, action: Action, host: str, port: int | None) -> str:
         """Approvals' write_rule in a fleet: the decision is already in Redis (whoever made it
@@ -265,7 +273,9 @@ class FleetState:
         if message is None or message.get("event") != "decided":
             return
         if message.get("scope") == "always":
-            await self._load_rules()
+            # Read first, applied by the decision itself: Approvals.decide releases the waiting
+            # requests in the approver's name, then reloads the policy (with these rules).
+            await self._fetch_rules()
         self._apply(message)
 
     def _apply(self, message: dict[str, Any]) -> None:

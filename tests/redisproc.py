@@ -12,7 +12,8 @@ from origins import free_port, wait_listening
 
 
 class RedisProcess:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *extra: str) -> None:
+        self.extra = extra  # e.g. --aclfile PATH
         self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -27,7 +28,8 @@ class RedisProcess:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes"],
+             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes",
+             *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         if not wait_listening(self.port, 10):
             self.kill()

@@ -255,3 +255,56 @@ def test_a_bad_state_url_is_refused(tmp_path, url):
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 2
     assert "--state must be a Redis URL" in result.stderr
+
+
+def test_the_gateway_manifests_acl_users_suffice_and_name_the_approver(tmp_path, tls_origin,
+                                                                      plain_origin,
+                                                                      client_env):
+    from pathlib import Path
+
+    from ruamel.yaml import YAML
+
+    manifest = Path(__file__).parents[1] / "docker" / "kubernetes-gateway.yaml"
+    [secret] = [d for d in YAML(typ="safe").load_all(manifest.read_text())
+                if d["kind"] == "Secret"]
+    acl = tmp_path / "users.acl"
+    acl.write_text(secret["stringData"]["users.acl"])
+    server = RedisProcess(tmp_path / "redis", None, "--aclfile", str(acl))
+    base = f"127.0.0.1:{server.port}/0"
+    try:
+        proxy = ProxyProcess(tmp_path / "p", ask_policy(tls_origin.port, plain_origin.port),
+                             "--state", f"redis://egress-proxy:CHANGE-ME-proxy@{base}")
+        try:
+            proxy.wait_for_event(lambda e: e["event"] == "state.connected", timeout=10)
+            assert "CHANGE-ME" not in "".join(proxy.output) + proxy.audit_path.read_text()
+            curl = start_curl(client_env, proxy, f"https://ask.test:{tls_origin.port}/hello")
+            approver = f"redis://alice:CHANGE-ME-alice@{base}"
+            for _ in range(100):
+                listed = subprocess.run(
+                    [sys.executable, "-m", "agent_egress.proxy", "pending", "--json",
+                     "--state", approver], capture_output=True, text=True, timeout=30,
+                    env=proxy.env(), stdin=subprocess.DEVNULL)
+                assert listed.returncode == 0, listed.stderr
+                if json.loads(listed.stdout):
+                    break
+                time.sleep(0.1)
+            decided = subprocess.run(
+                [sys.executable, "-m", "agent_egress.proxy", "approve", "ask.test",
+                 "--scope", "always", "--state", approver], capture_output=True, text=True,
+                timeout=30, env=proxy.env(), stdin=subprocess.DEVNULL)
+            assert decided.returncode == 0, decided.stderr
+            assert "hello from tls-origin" in curl.communicate(timeout=30)[0]
+            event = proxy.wait_for_event(lambda e: e["event"] == "approval.decided")
+            assert event["actor"].startswith("redis:alice/") and event["scope"] == "always"
+            # No password, or a wrong one: refused by Redis, and said so.
+            for url in (f"redis://{base}", f"redis://alice:wrong@{base}"):
+                refused = subprocess.run(
+                    [sys.executable, "-m", "agent_egress.proxy", "pending", "--state", url],
+                    capture_output=True, text=True, timeout=30, env=proxy.env(),
+                    stdin=subprocess.DEVNULL)
+                assert refused.returncode != 0
+                assert "shared state redis://" in refused.stderr and "wrong" not in refused.stderr
+        finally:
+            proxy.stop()
+    finally:
+        server.kill()
