@@ -35,9 +35,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_proxy import HOST, egress_policy, free_port, raise_fd_limit, run_load  # noqa: E402
-
 from agent_egress.addons import fleet_state  # noqa: E402
+from bench_proxy import HOST, egress_policy, free_port, raise_fd_limit, run_load  # noqa: E402
 
 HELD = "held.bench.test"
 
@@ -86,6 +85,14 @@ async def held_connect(port: int, target_port: int) -> tuple[asyncio.StreamReade
     return reader, writer
 
 
+async def released(reader: asyncio.StreamReader, started: float) -> float:
+    """Seconds from ``started`` to this held client's "200 Connection established"."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    if b" 200" not in head.split(b"\r\n", 1)[0]:
+        raise RuntimeError(f"not released: {head[:80]!r}")
+    return time.perf_counter() - started
+
+
 async def propagation(redis: object, ports: list[int], workdirs: list[Path], target: int,
                       rounds: int) -> list[float]:
     latencies: list[float] = []
@@ -102,13 +109,7 @@ async def propagation(redis: object, ports: list[int], workdirs: list[Path], tar
         await fleet_state.decide(redis, f"{HELD}:{target}", "allow", "once",
                                  "redis:default/bench")
 
-        async def released(reader: asyncio.StreamReader) -> float:
-            head = await reader.readuntil(b"\r\n\r\n")
-            if b" 200" not in head.split(b"\r\n", 1)[0]:
-                raise RuntimeError(f"not released: {head[:80]!r}")
-            return time.perf_counter() - started
-
-        latencies += await asyncio.gather(*(released(reader) for reader, _ in clients))
+        latencies += await asyncio.gather(*(released(reader, started) for reader, _ in clients))
         for _, writer in clients:
             writer.close()
         while await fleet_state.list_pending(redis):  # the owner has closed it in Redis
