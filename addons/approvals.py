@@ -76,10 +76,11 @@ class Approvals:
         "METHOD path" on it: an ask request rule). ``connect``: asked for a tunnel; a request
         seen with its method does not get a grant made for tunnels only."""
         if request:
-            return self._session_requests.get((host, port, request))
-        ports = self._session.get(host)
-        verdict = (ports.get(port) or ports.get(None)) if ports else None
-        return None if verdict and verdict.connect_only and not connect else verdict
+            verdict = self._session_requests.get((host, port, request))
+        else:
+            ports = self._session.get(host)
+            verdict = (ports.get(port) or ports.get(None)) if ports else None
+        return None if verdict is None or verdict.lapsed(connect) else verdict
 
     def get(self, approval_id: str) -> Pending | None:
         return self._by_id.get(approval_id)
@@ -109,8 +110,7 @@ class Approvals:
 
     def annotate(self, approval_id: str, review: dict[str, Any]) -> None:
         """Show a reviewer's assessment beside a pending approval (ApprovalError if gone)."""
-        pending = self._by_id.get(approval_id)
-        if pending is None:
+        if (pending := self._by_id.get(approval_id)) is None:
             raise ApprovalError("unknown_id", f"no pending request with id {approval_id}")
         pending.review = review
         self._notify("pending.updated", pending)
@@ -132,13 +132,15 @@ class Approvals:
 
     def refuse(self, approval_id: str, why: str) -> None:
         """Close a pending approval nobody can be asked about (the shared state failed)."""
-        if (pending := self._by_id.get(approval_id)) is None:
-            return
-        self.audit.emit("approval.decided", approval_id=approval_id, host=pending.host,
-                        port=pending.port, decision="deny", scope="unavailable", actor="state",
+        if (pending := self._by_id.get(approval_id)) is not None:
+            self._deny(pending, "unavailable", "state", why)
+
+    def _deny(self, pending: Pending, scope: str, actor: str, why: str = "") -> None:
+        """Release the waiters refused: a timeout, or nobody can be asked."""
+        self.audit.emit("approval.decided", approval_id=pending.id, host=pending.host,
+                        port=pending.port, decision="deny", scope=scope, actor=actor,
                         released=len(pending.waiters), wait_ms=pending.waited_ms())
-        self._close(pending, Verdict(Action.DENY, "unavailable", "state", approval_id, why),
-                    "unavailable")
+        self._close(pending, Verdict(Action.DENY, scope, actor, pending.id, why), scope)
 
     # -- holding ---------------------------------------------------------------------------
 
@@ -211,12 +213,7 @@ class Approvals:
         if self.pending.get(pending.key) is not pending:
             return
         if pending.waiters:
-            verdict = Verdict(Action.DENY, "timeout", "timeout", pending.id)
-            self.audit.emit("approval.decided", approval_id=pending.id, host=pending.host,
-                            port=pending.port, decision="deny", scope="timeout",
-                            actor="timeout", released=len(pending.waiters),
-                            wait_ms=pending.waited_ms())
-            self._close(pending, verdict, "timeout")
+            self._deny(pending, "timeout", "timeout")
         else:
             self.audit.emit("approval.abandoned", approval_id=pending.id, host=pending.host,
                             port=pending.port)
@@ -249,10 +246,11 @@ class Approvals:
     # -- deciding --------------------------------------------------------------------------
 
     def decide(self, target: str, decision: str, scope: str, actor: str, detail: str = "",
-               release: str | None = None, connect_only: bool = False) -> dict[str, Any]:
-        """Apply a person's (or auto-review's) decision; returns what it did, for the
-        approver's client. Auto-review's: ``detail``, its rationale (told to the agent);
-        ``release``, what it reviewed (see _close); ``connect_only``, a grant for tunnels."""
+               release: str | None = None, connect_only: bool = False,
+               expires: float = 0.0) -> dict[str, Any]:
+        """Apply a person's (or auto-review's) decision; what it did, for the approver.
+        ``expires``: a fleet's session grant's end (Verdict). Auto-review's: ``detail``, its
+        rationale; ``release``, what it reviewed (_close); ``connect_only``, tunnels only."""
         check_decision(decision, scope, self.allowed_scopes)
         action = Action(decision)
         matches, host, port = find_pending(target, self._by_id, self.pending.values())
@@ -277,7 +275,7 @@ class Approvals:
         released, ids = 0, []
         for pending in matches or [None]:
             verdict = Verdict(action, scope, actor, pending.id if pending else None, detail,
-                              connect_only)
+                              connect_only, expires)
             if pending is not None and pending.request:
                 if scope == "session":
                     self._session_requests[pending.key] = verdict

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -283,15 +284,18 @@ class FleetState:
         its session grants)."""
         decision, scope = str(message.get("decision")), str(message.get("scope"))
         actor = str(message.get("actor"))
+        expires_at = message.get("expires_at")  # a session grant lapses with its Redis key
+        expires = (time.monotonic() + float(expires_at) - time.time()
+                   if isinstance(expires_at, (int, float)) else 0.0)
         ids = [i for i in message.get("ids") or () if self.approvals.get(i)]
         port = message.get("port")
         host = str(message.get("host"))
         target = host if port is None else f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             for approval_id in ids:
-                self.approvals.decide(approval_id, decision, scope, actor)
+                self.approvals.decide(approval_id, decision, scope, actor, expires=expires)
             if not ids and scope in ("session", "always"):
-                self.approvals.decide(target, decision, scope, actor)
+                self.approvals.decide(target, decision, scope, actor, expires=expires)
         except ApprovalError as exc:
             self.audit.emit("approval.refused", target=target, decision=decision, scope=scope,
                             actor=actor, error=str(exc))

@@ -229,8 +229,10 @@ async def decide(redis: Any, target: str, decision: str, scope: str, actor: str,
     if scope == "always" and any(p.get("request") for p in matches):
         raise ApprovalError("unsupported", "a request held by an ask request rule is decided "
                             "once or for the session")
+    now = time.time()
     verdict = {"decision": decision, "scope": scope, "actor": actor, "host": host,
-               "port": port, "at": time.time()}
+               "port": port, "at": now,
+               "expires_at": now + session_ttl if scope == "session" else None}
     async with redis.pipeline(transaction=True) as pipe:
         for item in matches:
             ttl_ms = max(1000, int((item.get("expires_in") or 0) * 1000) + 60_000)

@@ -48,6 +48,11 @@ class Verdict:
     approval_id: str | None = None
     detail: str = ""  # why, when no person decided
     connect_only: bool = False  # a grant for tunnels (auto-review saw no method), not requests
+    expires: float = 0.0  # a session grant's end (monotonic clock; 0: while the proxy runs)
+
+    def lapsed(self, connect: bool = True) -> bool:
+        """Whether this grant no longer applies: expired, or made for tunnels only."""
+        return (self.connect_only and not connect) or 0 < self.expires < time.monotonic()
 
 
 @dataclass(eq=False)

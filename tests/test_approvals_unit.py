@@ -131,3 +131,18 @@ def test_always_that_cannot_be_written_decides_nothing() -> None:
 
     run(scenario)
     assert audit.named("approval.decided") == []
+
+
+def test_a_session_grant_with_an_end_lapses_then() -> None:
+    import time as clock
+
+    from agent_egress.addons.pending import Verdict
+    from agent_egress.policy import Action
+
+    forever = Verdict(Action.ALLOW, "session", "uid:1")
+    ended = Verdict(Action.ALLOW, "session", "uid:1", expires=clock.monotonic() - 1)
+    running = Verdict(Action.ALLOW, "session", "uid:1", expires=clock.monotonic() + 60)
+    tunnels = Verdict(Action.ALLOW, "session", "auto", connect_only=True)
+    assert not forever.lapsed() and not running.lapsed()
+    assert ended.lapsed()
+    assert tunnels.lapsed(connect=False) and not tunnels.lapsed(connect=True)

@@ -308,3 +308,27 @@ def test_the_gateway_manifests_acl_users_suffice_and_name_the_approver(tmp_path,
             proxy.stop()
     finally:
         server.kill()
+
+
+def test_a_fleet_session_grant_lapses_with_its_ttl(tmp_path, redis, tls_origin, plain_origin,
+                                                   client_env):
+    [proxy] = fleet_of(tmp_path, redis, ask_policy(tls_origin.port, plain_origin.port), 1,
+                       "--state-session-ttl", "2")
+    try:
+        url = f"http://ask.test:{plain_origin.port}/hello"
+        result = proxy.cli("approve", "ask.test", "--scope", "session")
+        assert result.returncode == 0, result.stderr
+        proxy.wait_for_event(lambda e: e["event"] == "approval.decided")
+        ttl = int(redis.command("TTL", "agent-egress:session:ask.test:*").strip())
+        assert 0 < ttl <= 2
+        first = subprocess.run(["curl", "-sS", "-x", proxy.url, "--max-time", "20", url],
+                               env=client_env, capture_output=True, text=True, timeout=30)
+        assert "hello from plain-origin" in first.stdout, first
+        assert not proxy.events("approval.requested")  # the grant, in this proxy's memory
+        time.sleep(2.5)
+        again = start_curl(client_env, proxy, url)
+        [pending] = fleet_pending(proxy, redis, lambda p: p["host"] == "ask.test")
+        assert state_cli(proxy, redis, "deny", pending["id"]).returncode == 0
+        assert "403" in again.communicate(timeout=30)[0]
+    finally:
+        proxy.stop()
