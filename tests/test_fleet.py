@@ -332,3 +332,57 @@ def test_a_fleet_session_grant_lapses_with_its_ttl(tmp_path, redis, tls_origin, 
         assert "403" in again.communicate(timeout=30)[0]
     finally:
         proxy.stop()
+
+
+def test_watch_state_without_a_terminal_lists_the_fleet(fleet, redis, plain_origin,
+                                                        client_env):
+    curl = start_curl(client_env, fleet[1], f"http://ask.test:{plain_origin.port}/")
+    [pending] = fleet_pending(fleet[0], redis)
+    result = state_cli(fleet[2], redis, "watch")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{pending['id']}  ask.test:{plain_origin.port}  HTTP GET /")
+    assert state_cli(fleet[0], redis, "deny", pending["id"]).returncode == 0
+    assert "403" in curl.communicate(timeout=30)[0]
+
+
+@pytest.mark.filterwarnings("ignore:.*forkpty.*:DeprecationWarning")
+def test_watch_state_in_a_terminal_answers_a_hold_on_another_proxy(fleet, redis, tls_origin,
+                                                                    client_env):
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: agent-egress watch --state on a real terminal
+        os.execve(sys.executable, [sys.executable, "-m", "agent_egress.proxy", "watch",
+                                   "--state", redis.url], fleet[0].env())
+    output = bytearray()
+
+    def read_until(marker: bytes, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in output:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, bytes(output)
+            if select.select([fd], [], [], remaining)[0]:
+                output.extend(os.read(fd, 4096))
+
+    try:
+        read_until(b"watching redis://127.0.0.1")
+        curl = start_curl(client_env, fleet[2], f"https://ask.test:{tls_origin.port}/hello")
+        read_until(b"[q]uit?")
+        assert b"ask.test:%d  CONNECT" % tls_origin.port in output
+        os.write(fd, b"o")
+        out, err = curl.communicate(timeout=30)
+        assert "hello from tls-origin" in out, err
+        read_until(b"-> allow")
+        os.write(fd, b"q")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
+    event = fleet[2].wait_for_event(lambda e: e["event"] == "approval.decided")
+    assert event["scope"] == "once" and event["actor"].startswith("redis:default/")
