@@ -23,9 +23,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from agent_egress.policy import Action, InvalidHost, InvalidPattern, normalize_host, parse_pattern
+from agent_egress.policy import Action, InvalidHost, InvalidPattern
 from agent_egress.policy.writer import rule_pattern
 from mitmproxy import ctx, exceptions
+from redis.exceptions import RedisError
 
 from . import fleet_state as state
 from .approvals import Approvals
@@ -74,10 +75,6 @@ class FleetState:
                 "--state must be a Redis URL: redis://[USER:PASSWORD@]HOST:PORT/DB, "
                 "rediss://... for TLS, or unix:///path/to/redis.sock")
 
-    @property
-    def enabled(self) -> bool:
-        return self.redis is not None  # running, with a --state URL
-
     # -- connection ------------------------------------------------------------------------
 
     def running(self) -> None:
@@ -122,7 +119,13 @@ class FleetState:
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is not None and message.get("type") == "message":
-                await self._received(message["data"])
+                try:
+                    await self._received(message["data"])
+                except (RedisError, OSError):
+                    raise  # the connection: reconnect
+                except Exception as exc:  # a message this proxy cannot use: not a crash
+                    self.audit.emit("state.message_ignored", error=f"{type(exc).__name__}: "
+                                    f"{exc}"[:300])
             if loop.time() - pinged > _PING_EVERY:
                 await pubsub.ping()
                 pinged = loop.time()
@@ -141,13 +144,13 @@ class FleetState:
 
     def unavailable(self) -> str | None:
         """Why no request may be held now (None: it may)."""
-        if not self.enabled or self.connected:
+        if self.redis is None or self.connected:
             return None
         return (f"the shared approval state {state.display_url(ctx.options.state_url)} is "
                 "unreachable, so no person can be asked; retry later")
 
     def status(self) -> dict[str, Any]:
-        if not self.enabled:
+        if self.redis is None:
             return {}
         return {"state": {"url": state.display_url(ctx.options.state_url),
                           "connected": self.connected, "since": self._since,
@@ -181,17 +184,9 @@ class FleetState:
         valid = []
         for rule in await state.always_rules(self.redis):
             try:
-                if rule.get("decision") not in ("allow", "deny"):
-                    raise InvalidPattern("decision must be allow or deny")
-                host = normalize_host(str(rule.get("host"))).name
-                port = rule.get("port")
-                if port is not None and not (isinstance(port, int) and 0 < port < 65536):
-                    raise InvalidPattern(f"bad port {port!r}")
-                parse_pattern(rule_pattern(host, port), allow_any=False)
+                valid.append(state.checked_rule(rule))
             except (InvalidHost, InvalidPattern) as exc:
                 self.audit.emit("state.rule_ignored", rule=str(rule)[:200], error=str(exc))
-                continue
-            valid.append({**rule, "host": host})
         changed, self._rules = valid != self._rules, valid
         return changed
 
@@ -224,6 +219,12 @@ class FleetState:
         try:
             shared, left = await state.claim(self.redis, pending.host, pending.port,
                                              pending.request, approval_id, pending.left())
+            if shared == approval_id and self.approvals.get(approval_id) is not pending:
+                # Closed here while the claim was on its way (its client left, a decision):
+                # nothing may join a hold nobody waits on.
+                await state.release(self.redis, approval_id, pending.host, pending.port,
+                                    pending.request, "closed")
+                return
             if shared == approval_id:
                 self._owned[approval_id] = pending.key
                 summary = pending.summary(asyncio.get_running_loop().time())

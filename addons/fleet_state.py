@@ -29,7 +29,15 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent_egress.policy import SCOPES, InvalidHost, normalize_host, split_host_port
+from agent_egress.policy import (
+    SCOPES,
+    InvalidHost,
+    InvalidPattern,
+    normalize_host,
+    parse_pattern,
+    split_host_port,
+)
+from agent_egress.policy.writer import rule_pattern
 
 from .pending import ApprovalError
 
@@ -191,6 +199,19 @@ async def always_rules(redis: Any) -> list[dict[str, Any]]:
     """The fleet's `always` decisions, each {"action", "host", "port", "actor", "at"}."""
     rules = await redis.hgetall(ALWAYS)
     return [rule for raw in rules.values() if (rule := loads(raw)) is not None]
+
+
+def checked_rule(rule: dict[str, Any]) -> dict[str, Any]:
+    """An `always` decision as read from Redis, validated (InvalidHost or InvalidPattern):
+    exactly one host (no wildcard, no network) and an optional port."""
+    if rule.get("decision") not in ("allow", "deny"):
+        raise InvalidPattern("decision must be allow or deny")
+    host = normalize_host(str(rule.get("host"))).name
+    port = rule.get("port")
+    if port is not None and not (type(port) is int and 0 < port < 65536):
+        raise InvalidPattern(f"bad port {port!r}")
+    parse_pattern(rule_pattern(host, port), allow_any=False)
+    return {**rule, "host": host}
 
 
 def _target(target: str) -> tuple[str, int | None]:
