@@ -386,3 +386,41 @@ def test_watch_state_in_a_terminal_answers_a_hold_on_another_proxy(fleet, redis,
         os.close(fd)
     event = fleet[2].wait_for_event(lambda e: e["event"] == "approval.decided")
     assert event["scope"] == "once" and event["actor"].startswith("redis:default/")
+
+
+def test_junk_in_the_shared_state_is_ignored_with_events(tmp_path, redis, tls_origin,
+                                                         plain_origin, client_env):
+    [proxy] = fleet_of(tmp_path, redis, ask_policy(tls_origin.port, plain_origin.port), 1)
+    try:
+        redis.command("PUBLISH", "agent-egress:events", '{"event": "decided", "ids": 5}')
+        redis.command("PUBLISH", "agent-egress:events", "not json")
+        redis.command("PUBLISH", "agent-egress:events",
+                      '{"event": "decided", "ids": [], "host": "ask.test", "port": "x", '
+                      '"decision": "allow", "scope": "session", "actor": "me"}')
+        ignored = proxy.wait_for_event(lambda e: e["event"] == "state.message_ignored")
+        assert "TypeError" in ignored["error"]
+        refused = proxy.wait_for_event(lambda e: e["event"] == "approval.refused")
+        assert refused["target"] == "ask.test:x"
+        # Wildcards, networks and nonsense as `always` rules: never applied.
+        for field, value in (("a", '{"decision": "allow", "host": "*.evil.test", "port": null}'),
+                             ("b", '{"decision": "allow", "host": "10.0.0.0/8", "port": null}'),
+                             ("c", '{"decision": "allow", "host": "ask2.test", "port": "443"}'),
+                             ("d", "[1, 2]")):
+            redis.command("HSET", "agent-egress:always", field, value)
+        redis.command("SET", "agent-egress:pending:deadbeef", "{broken")
+        redis.command("ZADD", "agent-egress:pending", str(time.time() + 60), "deadbeef")
+        redis.command("PUBLISH", "agent-egress:events",
+                      '{"event": "decided", "ids": [], "host": "x.test", "port": null, '
+                      '"decision": "allow", "scope": "always", "actor": "me"}')
+        proxy.wait_for_event(lambda e: e["event"] == "state.rule_ignored"
+                             and "ask2.test" in e["rule"])
+        assert len(proxy.events("state.rule_ignored")) == 3
+        assert fleet_pending(proxy, redis, count=0) == []  # the broken record is skipped
+        curl = start_curl(client_env, proxy, f"http://evil.test:{plain_origin.port}/hello")
+        [pending] = fleet_pending(proxy, redis, lambda p: p["host"] == "evil.test")
+        assert state_cli(proxy, redis, "deny", pending["id"]).returncode == 0
+        assert "403" in curl.communicate(timeout=30)[0]
+        assert not proxy.events("state.unavailable")
+        assert proxy.process.poll() is None
+    finally:
+        proxy.stop()
