@@ -80,8 +80,9 @@ class FleetState:
     def running(self) -> None:
         if not ctx.options.state_url:
             return
-        self.redis = aioredis.from_url(ctx.options.state_url, socket_connect_timeout=2,
-                                       socket_timeout=5)
+        url = ctx.options.state_url
+        self.redis = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=5,
+                                       **state.password_from_environment(url))
         self.approvals.subscribe(self._local)
         self._task = asyncio.create_task(self._follow())
 
@@ -116,7 +117,7 @@ class FleetState:
     async def _listen(self, pubsub: Any) -> None:
         loop = asyncio.get_running_loop()
         pinged = loop.time()
-        while True:
+        while self.connected:  # a failed command elsewhere: connect afresh
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is not None and message.get("type") == "message":
                 try:
@@ -140,7 +141,7 @@ class FleetState:
             self.audit.emit("state.connected" if connected else "state.unavailable",
                             state=state.display_url(ctx.options.state_url), error=error)
             if not connected:
-                logger.error(f"shared state unreachable, new holds are refused: {error}")
+                logger.warning(f"shared state unreachable, new holds are refused: {error}")
 
     def unavailable(self) -> str | None:
         """Why no request may be held now (None: it may)."""
@@ -236,8 +237,10 @@ class FleetState:
                        or await state.session_grant(self.redis, pending.host, pending.port,
                                                     pending.request))
         except Exception as exc:
-            self._set_connected(False, f"{type(exc).__name__}: {exc}")
-            self.approvals.refuse(approval_id, self.unavailable() or str(exc))
+            if isinstance(exc, (RedisError, OSError)):  # _listen reconnects
+                self._set_connected(False, f"{type(exc).__name__}: {exc}")
+            self.approvals.refuse(approval_id, self.unavailable() or
+                                  f"the shared state failed ({type(exc).__name__})")
             return
         if verdict is not None:
             self._apply({**verdict, "ids": [shared]})
@@ -286,8 +289,8 @@ class FleetState:
         decision, scope = str(message.get("decision")), str(message.get("scope"))
         actor = str(message.get("actor"))
         expires_at = message.get("expires_at")  # a session grant lapses with its Redis key
-        expires = (time.monotonic() + float(expires_at) - time.time()
-                   if isinstance(expires_at, (int, float)) else 0.0)
+        expires = (max(1e-9, time.monotonic() + float(expires_at) - time.time())
+                   if isinstance(expires_at, (int, float)) else 0.0)  # (0 would be: never)
         ids = [i for i in message.get("ids") or () if self.approvals.get(i)]
         port = message.get("port")
         host = str(message.get("host"))
@@ -295,7 +298,7 @@ class FleetState:
         try:
             for approval_id in ids:
                 self.approvals.decide(approval_id, decision, scope, actor, expires=expires)
-            if not ids and scope in ("session", "always"):
+            if not message.get("ids") and scope in ("session", "always"):
                 self.approvals.decide(target, decision, scope, actor, expires=expires)
         except ApprovalError as exc:
             self.audit.emit("approval.refused", target=target, decision=decision, scope=scope,

@@ -53,7 +53,9 @@ _DELETE_IF = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
 
 
 def hold_key(host: str, port: int, request: str = "") -> str:
-    digest = hashlib.sha256(f"{host}\0{port}\0{request}".encode()).hexdigest()[:32]
+    # surrogateescape: a request line may carry bytes that are not UTF-8 (the agent's).
+    digest = hashlib.sha256(f"{host}\0{port}\0{request}".encode(
+        errors="surrogateescape")).hexdigest()[:32]
     return f"{PREFIX}hold:{digest}"
 
 
@@ -67,7 +69,8 @@ def decision_key(approval_id: str) -> str:
 
 def session_key(host: str, port: int | None, request: str = "") -> str:
     base = f"{PREFIX}session:{host}:{'*' if port is None else port}"
-    return base + (f":{hashlib.sha256(request.encode()).hexdigest()[:32]}" if request else "")
+    digest = hashlib.sha256(request.encode(errors="surrogateescape")).hexdigest()[:32]
+    return base + (f":{digest}" if request else "")
 
 
 def always_field(host: str, port: int | None) -> str:
@@ -82,6 +85,14 @@ def display_url(url: str) -> str:
     user = f"{parts.username}@" if parts.username else ""
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{user}{shown}{port}{parts.path}"
+
+
+def password_from_environment(url: str) -> dict[str, str]:
+    """The password from REDISCLI_AUTH (redis-cli's own variable) when the URL has none: an
+    environment is readable by the same uid only, a command line by every local user."""
+    if urlsplit(url).password is None and (password := os.environ.get("REDISCLI_AUTH")):
+        return {"password": password}
+    return {}
 
 
 def local_account() -> str:
@@ -256,6 +267,13 @@ async def decide(redis: Any, target: str, decision: str, scope: str, actor: str,
                "expires_at": now + session_ttl if scope == "session" else None}
     async with redis.pipeline(transaction=True) as pipe:
         for item in matches:
+            # Decided: gone from the fleet at once, so a later request opens a new pending
+            # approval (a `once` decision is never found by it, even if the proxy that opened
+            # this one is gone and cannot release it).
+            pipe.eval(_DELETE_IF, 1, hold_key(host, item["port"], item.get("request") or ""),
+                      item["id"])
+            pipe.delete(pending_key(item["id"]))
+            pipe.zrem(PENDING_INDEX, item["id"])
             ttl_ms = max(1000, int((item.get("expires_in") or 0) * 1000) + 60_000)
             pipe.set(decision_key(item["id"]), json.dumps({**verdict, "id": item["id"]}),
                      px=ttl_ms)
@@ -270,6 +288,7 @@ async def decide(redis: Any, target: str, decision: str, scope: str, actor: str,
                           json.dumps({**verdict, "port": rule_port}))
         await pipe.execute()
     ids = [item["id"] for item in matches]
-    delivered = await publish(redis, {"event": "decided", "ids": ids, **verdict})
+    delivered = await publish(redis, {"event": "decided", "ids": ids, **verdict,
+                                      "requests": [item.get("request") or "" for item in matches]})
     return {"host": host, "port": port, "decision": decision, "scope": scope, "ids": ids,
             "released": len(ids), "delivered": delivered, "fleet": True}

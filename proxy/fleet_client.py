@@ -60,7 +60,8 @@ class StateClient:
             raise ApprovalClientError(f"shared state {self.where}: {exc}") from None
 
     async def _connect(self) -> None:
-        self._redis = aioredis.from_url(self.url, socket_connect_timeout=5, socket_timeout=10)
+        self._redis = aioredis.from_url(self.url, socket_connect_timeout=5, socket_timeout=10,
+                                        **state.password_from_environment(self.url))
         await self._redis.ping()
         self._user = await state.acl_user(self._redis)
 

@@ -175,6 +175,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"agent-egress: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.state and urlsplit(args.state).password is not None:
+        print("agent-egress: warning: the password in --state is visible to every local user "
+              "in the process list; put it in REDISCLI_AUTH instead (docs/fleet.md)",
+              file=sys.stderr)
     refusal, telemetry = _serve_preflight(args)
     if refusal is not None:
         return refusal
