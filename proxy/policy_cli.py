@@ -15,6 +15,7 @@ from agent_egress.policy.files import DEFAULT_MANAGED_PATH
 from agent_egress.policy.presets import presets
 from agent_egress.policy.requests import RequestPolicy
 
+from . import signing_cli
 from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
 from .paths import managed_policy_file, user_policy_file
@@ -66,6 +67,7 @@ def add_parsers(commands: Any) -> None:
     add_socket_option(show)
     presets_cmd = policy_commands.add_parser(
         "presets", help="list the rule presets shipped with agent-egress")
+    signing_cli.add_parsers(policy_commands)  # keygen, sign, verify (docs/fleet.md)
     check.set_defaults(handler=cmd_check)
     explain_cmd.set_defaults(handler=cmd_explain)
     show.set_defaults(handler=cmd_show)
