@@ -18,6 +18,7 @@ from agent_egress.policy.requests import RequestPolicy
 from . import signing_cli
 from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
+from .launch import managed_url_line
 from .paths import managed_policy_file, user_policy_file
 from .textsafe import host_display, printable, printable_lines
 
@@ -254,6 +255,8 @@ def _print_running(running: dict[str, Any]) -> None:
         error = printable_lines(failure["error"]).replace("\n", "\n    ")
         print(f"  LAST RELOAD FAILED at {printable(failure['at'])} ({printable(failure['why'])})"
               f"; the policy loaded before stays in force:\n    {error}")
+    if managed := running.get("managed_url"):
+        print(f"  {managed_url_line(managed)}")
     if separation := running.get("approval_separation"):
         print(f"  approvals: {printable(separation)}")
     if socks := running.get("socks"):
