@@ -66,7 +66,7 @@ class ManagedURLPolicy:
         self.in_force: SignedPolicy | None = None
         self._uncommitted: SignedPolicy | None = None  # fetched at start, cached once running
         self._failure: dict[str, Any] | None = None
-        self._held: list[dict[str, Any]] | None = []  # events before the audit log is open
+        self._held: list[dict[str, Any]] | None = None  # start()'s events, until the log opens
         self._task: asyncio.Task[None] | None = None
 
     def load(self, loader: Any) -> None:
@@ -77,6 +77,7 @@ class ManagedURLPolicy:
     async def start(self) -> None:
         """Before the proxy listens: the verified cache (it also sets the serial floor), then
         the URL's version if it is newer and good."""
+        self._held = []  # serve's options (the audit log's path) are applied next
         try:
             self.in_force = self.source.cached()
         except Rejection as exc:
@@ -100,19 +101,23 @@ class ManagedURLPolicy:
             f"{reason}), so it refuses every request until it gets one"))
 
     def configure(self, updated: set[str]) -> None:
-        if self._held is not None:  # the first configure: the audit log is open by now
-            held, self._held = self._held, None
-            for fields in held:
-                self.audit.emit("policy.rejected", **fields)
+        self._flush()  # the first configure after start(): the audit log comes first
         if "managed_refresh" in updated and self._task is not None:
             self._restart()
 
+    def _flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            for fields in held:
+                self.audit.emit("policy.rejected", **fields)
+
     def running(self) -> None:
+        self._flush()
         if self._uncommitted is not None:
             self._commit(self._uncommitted)
             self._uncommitted = None
         if self.in_force is None:
-            logger.error(f"no verified managed policy from {self.source.shown}: every request "
+            logger.warning(f"no verified managed policy from {self.source.shown}: every request "
                          "is refused until one is fetched")
         self._restart()
 
@@ -152,7 +157,7 @@ class ManagedURLPolicy:
                            reason=INVALID, serial=fetched.serial):
             self.in_force = previous  # the reload's policy.rejected event says why
             self._failure = {"at": _now(), "trigger": trigger, "reason": INVALID,
-                             "serial": fetched.serial,
+                             "serial": fetched.serial, "count": 1,
                              "error": "valid alone, but not with the user policy (see the "
                                       "policy.rejected event)"}
             return
@@ -166,16 +171,17 @@ class ManagedURLPolicy:
             # In force all the same; only a restart without the network is not covered.
             self.audit.emit("policy.cache_failed", url=self.source.shown, serial=signed.serial,
                             error=str(exc))
-            logger.error(f"cannot cache the managed policy: {exc}")
+            logger.warning(f"cannot cache the managed policy: {exc}")
 
     def _rejected(self, exc: Rejection, trigger: str) -> None:
         """Record a rejected version; the event once per distinct failure (a URL down for a
         day is one event, not one a minute)."""
         repeated = self._failure is not None and (
             (self._failure["reason"], self._failure["error"]) == (exc.reason, str(exc)))
+        count = self._failure["count"] + 1 if repeated and self._failure else 1
         self._failure = {"at": _now(), "trigger": trigger, "reason": exc.reason,
-                         "error": str(exc), "serial": exc.serial}
-        logger.error(f"managed policy rejected ({exc.reason}), "
+                         "error": str(exc), "serial": exc.serial, "count": count}
+        logger.warning(f"managed policy rejected ({exc.reason}), "
                      f"{'the version in force stays' if self.in_force else 'none in force'}: "
                      f"{exc}")
         if repeated:
