@@ -37,6 +37,7 @@ from .httpchecks import (
     tunnel_target_mismatch,
 )
 from .identity import agent_of
+from .managed_url import ManagedLayer, managed_fields
 from .pending import Verdict, verdict_decision, verdict_fields
 from .pinning import UpstreamPinning
 from .refusals import blocked_response
@@ -59,8 +60,10 @@ class Enforcer:
     def __init__(self, audit: AuditLog, pinning: UpstreamPinning, approvals: Approvals,
                  discard_body: Callable[[http.Request], None] = lambda request: None,
                  review: AutoReview | None = None, parent: ParentProxy | None = None,
+                 managed: Callable[[], ManagedLayer] | None = None,
                  shared_rules: Callable[[], Sequence[tuple[str, str]]] = tuple) -> None:
         self.audit = audit
+        self.managed = managed  # the verified managed layer from a URL (ManagedURLPolicy)
         self.shared_rules = shared_rules  # a fleet's `always` decisions, joining the user layer
         self.parent = parent  # the corporate proxy allowed requests leave through (the name)
         self.pinning, self.approvals = pinning, approvals
@@ -89,15 +92,15 @@ class Enforcer:
         """Load the policy files afresh; on error the policy in force stays (PolicyError)."""
         # Which versions of the files are read: taken before, so a later change is seen later.
         signature = files_signature((ctx.options.policy_file, ctx.options.managed_policy_file))
+        managed = self.managed() if self.managed else ctx.options.managed_policy_file or None
         policy = load_policy(ctx.options.policy_file or None,
-                             resolve=ctx.options.resolve_overrides,
-                             managed=ctx.options.managed_policy_file or None,
+                             resolve=ctx.options.resolve_overrides, managed=managed,
                              shared=self.shared_rules())
         self.policy = policy
         self.loaded_from = signature
         self.audit.emit("policy.loaded", policy=ctx.options.policy_file or "built-in",
-                        managed=ctx.options.managed_policy_file or None,
-                        mode=policy.settings.mode, rules=policy.allow_count + policy.deny_count,
+                        **managed_fields(managed), mode=policy.settings.mode,
+                        rules=policy.allow_count + policy.deny_count,
                         violations=list(policy.problems) or None)
         self.approvals.policy_changed(policy)
         return policy
@@ -127,16 +130,13 @@ class Enforcer:
         await self._guarded(flow, self._connect(flow))
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.error is not None:
-            self._record_invalid(flow)  # mitmproxy refuses it itself, with a 400
+        if flow.error is not None:  # mitmproxy refuses it itself, with a 400: recorded
+            refusal = invalid_request(flow, self.pinning.tunnel(flow.client_conn))
+            self.audit.emit("request.decided", **request_fields(flow), **decision_fields(refusal))
             return
         if flow.response is not None:
             return
         await self._guarded(flow, self._request(flow))
-
-    def _record_invalid(self, flow: http.HTTPFlow) -> None:
-        refusal = invalid_request(flow, self.pinning.tunnel(flow.client_conn))
-        self.audit.emit("request.decided", **request_fields(flow), **decision_fields(refusal))
 
     async def _guarded(self, flow: http.HTTPFlow, deciding: Awaitable[None]) -> None:
         try:

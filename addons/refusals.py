@@ -75,6 +75,10 @@ def _what_to_do(decision: Decision, request: http.Request | None) -> str:
         return (f"the proxy could not verify {target} over TLS, so nothing was sent to it. If "
                 "it is an internal service with its own CA, an administrator can name that CA "
                 "in network.upstream_ca_file; verification is never turned off.")
+    if decision.reason is Reason.MANAGED_POLICY_UNAVAILABLE:
+        return ("nothing is reachable until the proxy has verified its managed policy: tell "
+                "the person running the agent ('agent-egress health' says why); the proxy "
+                "retries on its own, so a later attempt may work.")
     if decision.reason is Reason.DNS_ERROR:
         return (f"the proxy could not look up {decision.host}: check the name (a typo?) and "
                 "the proxy's DNS; the policy is not the problem.")

@@ -89,7 +89,8 @@ class PolicyReload:
                 self._attempted = current  # a file that fails is retried once it changes
                 self.reload("file changed")
 
-    def reload(self, why: str = "requested") -> bool:
+    def reload(self, why: str = "requested", **fields: Any) -> bool:
+        """Load the policy afresh; ``fields`` go into a `policy.rejected` event."""
         trust = self.file_trust()
         try:
             if trust.refusals:
@@ -99,7 +100,7 @@ class PolicyReload:
         except PolicyError as exc:
             self._failure = {"at": _now(), "why": why, "error": str(exc)}
             self.audit.emit("policy.rejected", trigger=why, error=str(exc),
-                            problems=[p.render(exc.path) for p in exc.problems])
+                            problems=[p.render(exc.path) for p in exc.problems], **fields)
             logger.error(f"policy reload failed, the previous policy stays in force:\n{exc}")
             return False
         self._trust = trust

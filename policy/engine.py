@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import PurePath
 from types import MappingProxyType
@@ -72,6 +72,8 @@ class Reason(StrEnum):
     # Credentials (policy.credentials): a placeholder where its secret may not go.
     CREDENTIAL_MISDIRECTED = "credential_misdirected"
     CREDENTIAL_UNAVAILABLE = "credential_unavailable"  # bound, but its secret cannot be read
+    # serve --managed-url: no verified managed policy yet, so nothing is let through.
+    MANAGED_POLICY_UNAVAILABLE = "managed_policy_unavailable"
 
 
 class Rule(NamedTuple):
@@ -427,7 +429,7 @@ class CompiledPolicy:
     """
 
     __slots__ = ("layers", "settings", "problems", "warnings", "requests", "credentials",
-                 "_allow_layers", "_cache")
+                 "closed", "_allow_layers", "_cache")
 
     def __init__(self, layers: Sequence[Layer], settings: Settings,
                  problems: Sequence[str] = (), warnings: Sequence[str] = (),
@@ -443,6 +445,21 @@ class CompiledPolicy:
         managed_only = settings.managed_allowed_domains_only and len(self.layers) > 1
         self._allow_layers = self.layers[:1] if managed_only else self.layers
         self._cache: dict[tuple[str, int], Decision] = {}
+        self.closed = ""  # why every request is refused (refusing_everything), when it is
+
+    def refusing_everything(self, why: str) -> CompiledPolicy:
+        """This policy's layers and settings, enforcing, deciding every destination and
+        request `managed_policy_unavailable` (``why`` is the detail): a proxy whose managed
+        policy must come from a URL and never verified one. No request rules or credentials."""
+        closed = CompiledPolicy(self.layers, replace(self.settings, mode="enforce",
+                                                     default=Action.DENY),
+                                self.problems, self.warnings)
+        closed.closed = why
+        return closed
+
+    def _closed(self, host: str, port: int) -> Decision:
+        return Decision(Action.DENY, Reason.MANAGED_POLICY_UNAVAILABLE, host[:MAX_HOST_TEXT],
+                        port, detail=self.closed)
 
     @property
     def source(self) -> str:
@@ -458,6 +475,8 @@ class CompiledPolicy:
 
     def decide(self, host: str, port: int) -> Decision:
         """The decision for a destination as a client named it (any spelling)."""
+        if self.closed:
+            return self._closed(host, port)
         if len(host) > MAX_HOST_TEXT:  # never a host; not cached under an agent-sized key
             return Decision(Action.DENY, Reason.INVALID_HOST, host[:MAX_HOST_TEXT] + "...",
                             port, detail=f"a host of {len(host)} characters (a name has at "
@@ -602,6 +621,8 @@ class CompiledPolicy:
 
     def decide_request(self, host: str, port: int, method: str, target: str) -> Decision:
         """Method and path on a host the domain rules allowed (policy.requests)."""
+        if self.closed:
+            return self._closed(host, port)
         if self.requests is None:
             return Decision(Action.ALLOW, Reason.UNRESTRICTED, host, port,
                             detail=f"no request rule covers {host}")

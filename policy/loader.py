@@ -10,7 +10,7 @@ import tomllib
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ValidationError
 
@@ -43,11 +43,20 @@ def builtin_policy_text() -> str:
     return resources.files(__package__).joinpath("default.toml").read_text(encoding="utf-8")
 
 
+class ManagedUnavailable(NamedTuple):
+    """A managed policy that must come from ``source`` (a URL) and has not been verified: the
+    policy then refuses everything, saying ``detail``."""
+
+    source: str
+    detail: str
+
+
 def load_policy(path: str | Path | None, *, resolve: Sequence[str] = (),
-                managed: str | Path | None = None,
+                managed: str | Path | ParsedFile | ManagedUnavailable | None = None,
                 shared: Sequence[tuple[str, str]] = ()) -> CompiledPolicy:
     """Load and compile the user policy (the built-in default when path is None), under the
-    managed policy when one is given. ``resolve`` adds ``HOST=ADDR`` overrides, like
+    managed policy when one is given: a file's path, or text already read and verified (a
+    ParsedFile, from a URL). ``resolve`` adds ``HOST=ADDR`` overrides, like
     ``serve --resolve``; ``shared``, (action, pattern) rules a fleet decided `always`, which
     join the user layer (bounded by the managed policy like its own rules). Raises PolicyError
     for a file that is invalid as a whole; requirement violations are in ``problems``.
@@ -56,7 +65,11 @@ def load_policy(path: str | Path | None, *, resolve: Sequence[str] = (),
         builtin_policy_text(), BUILTIN)
     if shared:
         user = with_rules(user, shared)
-    managed_file = read_policy_file(managed) if managed is not None else None
+    if isinstance(managed, ManagedUnavailable):
+        return compile_layers(user, None, cli_resolve(resolve)).refusing_everything(
+            managed.detail)
+    managed_file = (managed if isinstance(managed, ParsedFile) or managed is None
+                    else read_policy_file(managed))
     return compile_layers(user, managed_file, cli_resolve(resolve))
 
 

@@ -275,6 +275,8 @@ class TelemetrySettings(_Strict):
 
 class PolicyFile(_Strict):
     version: Literal[1]
+    # The version of a managed policy published at a URL: strictly increasing (docs/fleet.md).
+    serial: Annotated[int, Field(strict=True, ge=1)] | None = None
     mode: Mode = "enforce"
     presets: list[PresetName] = []
     network: NetworkSettings = NetworkSettings()

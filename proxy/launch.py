@@ -150,16 +150,33 @@ def cmd_health(args: argparse.Namespace) -> int:
     listen = printable(", ".join(status.get("listen") or []))
     if socks := status.get("socks"):
         listen += f" (SOCKS5 on {printable(', '.join(socks))})"
-    print(f"ok: listening on {listen}; policy {printable(status['policy'])}"
-          f"; mode {printable(status['mode'])}; {pending} pending approvals"
-          + ("; LAST RELOAD FAILED (previous policy in force)" if failure else ""))
+    managed = status.get("managed_url")
+    unavailable = bool(managed) and not managed.get("available")
+    print(f"{'unhealthy' if unavailable else 'ok'}: listening on {listen}; policy "
+          f"{printable(status['policy'])}; mode {printable(status['mode'])}; {pending} pending "
+          "approvals" + ("; LAST RELOAD FAILED (previous policy in force)" if failure else ""))
+    if managed:
+        print(managed_url_line(managed))
     if separation := status.get("approval_separation"):
         print(f"approvals: {printable(separation)}")
     for warning in status.get("file_warnings") or ():
         print(f"WARNING: {printable(warning)}")
     for line in state_lines(status):
         print(line)
-    return 0
+    return 1 if unavailable else 0
+
+
+def managed_url_line(managed: dict[str, Any]) -> str:
+    """The managed policy from a URL, for `health` and `policy show`: in force, or not."""
+    failure = managed.get("last_failure")
+    last = (f"; last failure at {printable(failure['at'])}: {printable(failure['reason'])}: "
+            f"{printable(failure['error'])}" if failure else "")
+    if not managed.get("available"):
+        return (f"managed policy {printable(managed['url'])}: UNAVAILABLE, no verified version: "
+                f"every request is refused{last}")
+    return (f"managed policy {printable(managed['url'])}: serial {managed['serial']} in force "
+            f"(key {printable(managed['key'])}, fetched {printable(managed['fetched_at'])})"
+            f"{last}")
 
 
 def add_parsers(commands: Any) -> None:
@@ -191,6 +208,8 @@ def add_parsers(commands: Any) -> None:
         description="Ask the running proxy over its approval socket: exit 0 with its listen "
                     "address, policy, mode, pending approvals, whether approvals are separated "
                     "from the agent and any warning about its policy files; exit 1 when no "
-                    "proxy answers. For container probes, GET /healthz on the proxy port.")
+                    "proxy answers, or when its managed policy must come from a URL and it has "
+                    "no verified version (it refuses every request). For container probes, "
+                    "GET /healthz on the proxy port (liveness only).")
     add_socket_option(health)
     health.set_defaults(handler=cmd_health)

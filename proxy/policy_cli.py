@@ -15,9 +15,11 @@ from agent_egress.policy.files import DEFAULT_MANAGED_PATH
 from agent_egress.policy.presets import presets
 from agent_egress.policy.requests import RequestPolicy
 
+from . import signing_cli
 from .approval_cli import add_socket_option
 from .approval_client import ApprovalClient, ApprovalClientError, find_socket
 from .approver import state_lines
+from .launch import managed_url_line
 from .paths import managed_policy_file, user_policy_file
 from .textsafe import host_display, printable, printable_lines
 
@@ -67,6 +69,7 @@ def add_parsers(commands: Any) -> None:
     add_socket_option(show)
     presets_cmd = policy_commands.add_parser(
         "presets", help="list the rule presets shipped with agent-egress")
+    signing_cli.add_parsers(policy_commands)  # keygen, sign, verify (docs/fleet.md)
     check.set_defaults(handler=cmd_check)
     explain_cmd.set_defaults(handler=cmd_explain)
     show.set_defaults(handler=cmd_show)
@@ -253,6 +256,8 @@ def _print_running(running: dict[str, Any]) -> None:
         error = printable_lines(failure["error"]).replace("\n", "\n    ")
         print(f"  LAST RELOAD FAILED at {printable(failure['at'])} ({printable(failure['why'])})"
               f"; the policy loaded before stays in force:\n    {error}")
+    if managed := running.get("managed_url"):
+        print(f"  {managed_url_line(managed)}")
     if separation := running.get("approval_separation"):
         print(f"  approvals: {printable(separation)}")
     if socks := running.get("socks"):

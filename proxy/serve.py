@@ -22,6 +22,7 @@ from agent_egress.addons.fleet import FleetState
 from agent_egress.addons.identity import AgentIdentity
 from agent_egress.addons.intercept import ExplainedRefusals, Interception
 from agent_egress.addons.limits import ClientLimits
+from agent_egress.addons.managed_url import ManagedSource, ManagedURLPolicy
 from agent_egress.addons.overrides import FormOverrides
 from agent_egress.addons.pinning import UpstreamPinning
 from agent_egress.addons.proxyport import ProxyPort
@@ -69,6 +70,11 @@ class Announce:
         policy = ctx.options.policy_file or "built-in default policy"
         if ctx.options.managed_policy_file:
             policy += f" under managed policy {ctx.options.managed_policy_file}"
+        status = self.status()
+        if managed := status.get("managed_url"):
+            policy += f" under managed policy {managed['url']} " + (
+                f"(serial {managed['serial']})" if managed["available"] else
+                "(UNAVAILABLE: no verified version, every request is refused)")
         audit_log = ctx.options.audit_log or str(default_audit_log_path())
         print(f"agent-egress {version('agent-egress')} listening on {address}", flush=True)
         if socks:
@@ -78,7 +84,6 @@ class Announce:
             print(f"parent proxy: http://{address_text(self.parent)} (allowed connections "
                   "leave through it)", flush=True)
         print(f"approval socket: {printable(self.socket_path)} (agent-egress watch)", flush=True)
-        status = self.status()
         print(f"approvals: {status['approval_separation']}", flush=True)
         for warning in status.get("file_warnings", ()):
             print(f"WARNING: {printable(warning)}", flush=True)
@@ -126,7 +131,8 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
           extra: dict[str, Any] | None = None, ca_directory: Path | None = None,
           explain_https: bool = False, socks_listen: str = "",
           upstream_proxy: tuple[str, int] | None = None,
-          upstream_authorization: str | None = None, state_url: str = "") -> int:
+          upstream_authorization: str | None = None, state_url: str = "",
+          managed_source: ManagedSource | None = None) -> int:
     local_ca = LazyCA(ca_directory)
 
     async def main() -> int:
@@ -156,8 +162,13 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
                                     explain_https=explain_https)
         port = ProxyPort(audit, interception.upstream_failure)
         review = AutoReview(audit, approvals, policy, model_factory=review_model)
+        # serve --managed-url: the managed layer is the verified text it holds, refreshed.
+        managed_url = (ManagedURLPolicy(managed_source, audit,
+                                        lambda why, **fields: reloader.reload(why, **fields))
+                       if managed_source else None)
         enforcer = Enforcer(audit, pinning, approvals, discard_body=port.discard_body,
                             review=review, parent=parent,
+                            managed=managed_url.layer if managed_url else None,
                             shared_rules=lambda: fleet.rules(enforcer.policy.settings.ports
                                                              if enforcer.policy else DEFAULT_PORTS))
         reloader = PolicyReload(enforcer, audit)
@@ -186,7 +197,8 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         def status() -> dict[str, Any]:
             broker.sync(enforcer.policy)  # secrets read (and placeholders made) at start
             return {**reloader.status(), **fleet.status(),
-                    "agent_environment": vault.environment()}
+                    "agent_environment": vault.environment(),
+                    "managed_url": managed_url.status() if managed_url else None}
 
         server = ApprovalServer(approvals, audit, socket_path, approver_uids, status=status,
                                 agent_uid=agent_uid, explain=explain_running, review=review,
@@ -196,8 +208,10 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         # refusal are answered before the enforcer too (never held again), and a misdirected
         # credential placeholder is refused before any decision; interception after
         # it (it acts on the enforcer's CONNECT decision) and before Tunnels (which asks it);
-        # FailClosed last, to refuse what nothing decided.
-        proxy.addons.add(audit, pinning, approvals, SocksPort(audit), port,
+        # FailClosed last, to refuse what nothing decided. The managed policy from a URL right
+        # after the log: its start-up rejections are logged before the policy is loaded.
+        proxy.addons.add(audit, *([managed_url] if managed_url else []), pinning, approvals,
+                          SocksPort(audit), port,
                           AgentIdentity(policy, audit),
                           ClientLimits(audit, policy),
                           ExplainedRefusals(interception, audit, port.discard_body),
@@ -209,6 +223,8 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
             proxy.addons.add(parent)  # the parent's credentials on the CONNECTs sent to it
         if state_url:
             proxy.addons.add(fleet)  # shared approvals: on no request's path, only held ones'
+        if managed_url is not None:
+            await managed_url.start()  # before the policy is loaded and the proxy listens
         try:
             opts.update(
                 # Nothing connects upstream before the policy has decided and pinned an address.

@@ -18,6 +18,7 @@ from .paths import default_socket_path, managed_policy_file, user_policy_file
 from .textsafe import printable
 
 if TYPE_CHECKING:
+    from .managed_url import ManagedURL
     from .telemetry import Telemetry
 
 EXIT_USAGE = 2
@@ -40,6 +41,18 @@ def add_parsers(commands: Any) -> None:
     serve.add_argument("--managed", metavar="FILE",
                        help=f"managed (admin-owned) policy (default {DEFAULT_MANAGED_PATH} "
                             "if present)")
+    serve.add_argument("--managed-url", metavar="URL",
+                       help="fetch the managed policy from this URL instead of a file, with its "
+                            "Ed25519 signature at URL.sig (docs/fleet.md)")
+    serve.add_argument("--managed-key", metavar="PUBKEY_FILE", action="append", default=[],
+                       help="public key (PEM) the --managed-url signature must verify with "
+                            "(repeatable, for a key rotation)")
+    serve.add_argument("--managed-refresh", metavar="SECONDS", type=float, default=60.0,
+                       help="check --managed-url for a new version this often (default 60; "
+                            "0: only at start)")
+    serve.add_argument("--managed-cache", metavar="DIR",
+                       help="where the last good --managed-url version is kept for a restart "
+                            "without the network (default $XDG_STATE_HOME/agent-egress/managed)")
     serve.add_argument("--listen", metavar="HOST:PORT", type=_listen,
                        default=("127.0.0.1", 8080),
                        help="address to listen on (default 127.0.0.1:8080; port 0 picks one)")
@@ -179,22 +192,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("agent-egress: warning: the password in --state is visible to every local user "
               "in the process list; put it in REDISCLI_AUTH instead (docs/fleet.md)",
               file=sys.stderr)
+    try:
+        managed_source = _managed_url(args)
+    except ValueError as exc:
+        print(f"agent-egress: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     refusal, telemetry = _serve_preflight(args)
     if refusal is not None:
         return refusal
+    extra: dict[str, Any] = {"dns_timeout": args.dns_timeout}
+    if managed_source is not None:  # (the option exists only with the addon that reads it)
+        extra["managed_refresh"] = args.managed_refresh
+    if args.state:
+        extra["state_session_ttl"] = args.state_session_ttl
     return serve(listen_host=host, listen_port=port,
                  policy_file=user_policy_file(args.config),
-                 managed_file=managed_policy_file(args.managed), telemetry=telemetry,
+                 managed_file=None if managed_source else managed_policy_file(args.managed),
+                 managed_source=managed_source, telemetry=telemetry,
                  audit_log=args.audit_log, resolve=args.resolve,
                  socket_path=args.approval_socket or default_socket_path(),
                  approver_uids=args.approver_uid, agent_uid=args.agent_uid,
-                 managed_owners=args.managed_owner,
-                 extra={"dns_timeout": args.dns_timeout,
-                        "state_session_ttl": args.state_session_ttl} if args.state else
-                 {"dns_timeout": args.dns_timeout}, state_url=args.state or "",
+                 managed_owners=args.managed_owner, extra=extra, state_url=args.state or "",
                  ca_directory=args.ca_dir, explain_https=args.explain_https,
                  socks_listen=socks_listen, upstream_proxy=upstream,
                  upstream_authorization=authorization)
+
+
+def _managed_url(args: argparse.Namespace) -> ManagedURL | None:
+    """The --managed-url source, or None; ValueError for options that do not go together."""
+    if not args.managed_url:
+        if args.managed_key or args.managed_cache:
+            raise ValueError("--managed-key and --managed-cache go with --managed-url")
+        return None
+    if args.managed:
+        raise ValueError("--managed and --managed-url both name the managed policy; give one")
+    if args.managed_refresh < 0:
+        raise ValueError("--managed-refresh: seconds, 0 or more")
+    from .managed_url import open_source
+
+    source = open_source(args.managed_url, args.managed_key, args.managed_cache)
+    if args.managed_url.startswith("http://"):
+        print(f"agent-egress: warning: {source.shown} is plain HTTP: the signature keeps the "
+              "policy from being changed, but anyone on the way can see it or hold back new "
+              "versions; prefer https://", file=sys.stderr)
+    return source
 
 
 def _serve_preflight(args: argparse.Namespace) -> tuple[int | None, Telemetry | None]:
@@ -205,7 +246,9 @@ def _serve_preflight(args: argparse.Namespace) -> tuple[int | None, Telemetry | 
     """
     from .telemetry import Telemetry, TelemetryConfigError, telemetry_config
 
-    config, managed = user_policy_file(args.config), managed_policy_file(args.managed)
+    config = user_policy_file(args.config)
+    # (A managed policy from a URL is fetched by serve itself, before it listens.)
+    managed = None if args.managed_url else managed_policy_file(args.managed)
     policy = load_policy(config, resolve=args.resolve, managed=managed)  # bad file: no start
     for problem in (*policy.problems, *policy.warnings):
         print(f"agent-egress: warning: {printable(problem)}", file=sys.stderr)
