@@ -18,7 +18,6 @@ from agent_egress.addons.connections import address_text, listen_addresses
 from agent_egress.addons.credentials import CredentialBroker, CredentialSwap
 from agent_egress.addons.enforce import Enforcer
 from agent_egress.addons.failclosed import FailClosed
-from agent_egress.addons.fleet import FleetState
 from agent_egress.addons.identity import AgentIdentity
 from agent_egress.addons.intercept import ExplainedRefusals, Interception
 from agent_egress.addons.limits import ClientLimits
@@ -40,6 +39,8 @@ from .secretstore import SecretVault
 from .textsafe import printable
 
 if TYPE_CHECKING:
+    from agent_egress.addons.fleet import FleetState
+
     from .ca import LocalCA
     from .telemetry import Telemetry
 
@@ -99,6 +100,15 @@ class Announce:
         asyncio.get_running_loop().call_soon(ctx.master.addons.remove, self)
 
 
+def fleet_state(audit: AuditLog, approvals: Approvals,
+                reload_policy: Callable[[], object]) -> FleetState:
+    """The fleet's shared state (redis, loaded only with --state: it brings OpenTelemetry's
+    SDK with it)."""
+    from agent_egress.addons.fleet import FleetState
+
+    return FleetState(audit, approvals, reload_policy)
+
+
 def review_model(settings: AutoReviewPolicy) -> ModelReviewer:
     """The model reviewer for auto-review (httpx loaded only when a model is configured)."""
     from .review_model import ReviewModel
@@ -152,7 +162,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
         else:
             approvals = Approvals(audit, write_rule=lambda *rule: enforcer.write_rule(*rule),
                                   reload_policy=lambda: enforcer.load_written())
-        fleet = FleetState(audit, approvals, reload_policy=lambda: enforcer.reload())
+        fleet = fleet_state(audit, approvals, lambda: enforcer.reload()) if state_url else None
         def policy() -> CompiledPolicy | None:
             return enforcer.policy
 
@@ -170,7 +180,8 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
                             review=review, parent=parent,
                             managed=managed_url.layer if managed_url else None,
                             shared_rules=lambda: fleet.rules(enforcer.policy.settings.ports
-                                                             if enforcer.policy else DEFAULT_PORTS))
+                                                             if enforcer.policy else DEFAULT_PORTS)
+                            if fleet else ())
         reloader = PolicyReload(enforcer, audit)
         tunnels = Tunnels(audit, pinning, policy, port.http_layer, interception, parent)
         audit.before_stop(tunnels.proxy_stopping)
@@ -196,13 +207,13 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
 
         def status() -> dict[str, Any]:
             broker.sync(enforcer.policy)  # secrets read (and placeholders made) at start
-            return {**reloader.status(), **fleet.status(),
+            return {**reloader.status(), **(fleet.status() if fleet else {}),
                     "agent_environment": vault.environment(),
                     "managed_url": managed_url.status() if managed_url else None}
 
         server = ApprovalServer(approvals, audit, socket_path, approver_uids, status=status,
                                 agent_uid=agent_uid, explain=explain_running, review=review,
-                                fleet_decide=fleet.decide if state_url else None)
+                                fleet_decide=fleet.decide if fleet else None)
         # Order matters: identity and ClientLimits (a complete head stops its deadline, before
         # a request may be held) before the enforcer; requests in a tunnel kept to explain its
         # refusal are answered before the enforcer too (never held again), and a misdirected
@@ -221,7 +232,7 @@ def serve(*, listen_host: str, listen_port: int, policy_file: str | None,
                           FailClosed(audit))
         if parent is not None:
             proxy.addons.add(parent)  # the parent's credentials on the CONNECTs sent to it
-        if state_url:
+        if fleet is not None:
             proxy.addons.add(fleet)  # shared approvals: on no request's path, only held ones'
         if managed_url is not None:
             await managed_url.start()  # before the policy is loaded and the proxy listens
